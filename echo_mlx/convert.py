@@ -1,0 +1,186 @@
+"""`echo-mlx convert`: a pretrained LLaMA -> an echo checkpoint with a sharing plan.
+
+Every weight is copied; consumer layers drop their k/v projections; each
+producer's W_K/W_V (and biases) are either its own (``--kv-init own``) or the
+mean over the layers that will attend to it (``--kv-init mean``, the MLKV /
+cross-layer-study initialisation; no head alignment).
+"""
+
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from tqdm import tqdm
+
+from . import checkpoint
+from .errors import EchoError
+from .model import Model, ModelArgs
+from .plans import SharingPlan
+
+KV_INIT = ("own", "mean")
+DTYPES = ("float32", "float16", "bfloat16")
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+
+
+def default_dtype() -> Optional[str]:
+    """float32 on CPU hosts (MLX's CPU float16 and quantized matmuls are ~20x
+    slower there); None = keep the source's own precision on Apple silicon."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return None
+    return "float32"
+
+
+def share_kv_weights(weights: dict, plan: SharingPlan, kv_init: str) -> dict:
+    """Drop consumers' k/v projections; set each producer's from ``kv_init``."""
+    if kv_init not in KV_INIT:
+        raise EchoError(f"unknown --kv-init {kv_init!r}: use one of {', '.join(KV_INIT)}")
+    out = {k: v for k, v in weights.items() if not _is_kv(k)}
+    for producer, group in plan.groups().items():
+        for proj in ("k_proj", "v_proj"):
+            for leaf in ("weight", "bias"):
+                key = lambda i: f"model.layers.{i}.self_attn.{proj}.{leaf}"
+                if key(producer) not in weights:
+                    continue
+                members = group if kv_init == "mean" else [producer]
+                stacked = mx.stack([weights[key(i)].astype(mx.float32) for i in members])
+                out[key(producer)] = stacked.mean(axis=0).astype(weights[key(producer)].dtype)
+    return out
+
+
+def _is_kv(key: str) -> bool:
+    return ".self_attn.k_proj." in key or ".self_attn.v_proj." in key
+
+
+def echo_config(source_config: dict, plan: SharingPlan, *, source: str, kv_init: str) -> dict:
+    config = {k: v for k, v in source_config.items() if k not in ("model_type", "model_file")}
+    config.update(plan.to_config())
+    config["echo"] = {"plan": plan.name or str(plan), "kv_init": kv_init, "source": source}
+    return config
+
+
+def build_model(config: dict, weights: dict) -> Model:
+    model = Model(ModelArgs.from_dict(dict(config, model_type=checkpoint.MODEL_TYPE)))
+    weights = model.sanitize(weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise EchoError(f"source weights do not fit the model ({e}): is it a LLaMA checkpoint?")
+    mx.eval(model.parameters())
+    return model
+
+
+@dataclass
+class Summary:
+    plan: SharingPlan
+    params_before: int
+    params_after: int
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    dtype: str
+    quantization: Optional[dict]
+
+    def lines(self):
+        p = self.plan
+        lost = ", ".join(map(str, p.consumers)) or "none"
+        yield f"plan: {p.name or 'custom'} = {p}"
+        yield f"layers without k/v projections ({len(p.consumers)}/{p.num_layers}): {lost}"
+        yield f"parameters: {self.params_before:,} -> {self.params_after:,}"
+        yield (
+            f"KV cache per token: {self.kv_bytes_per_token_before:,} -> "
+            f"{self.kv_bytes_per_token_after:,} bytes ({p.kv_reduction:.2f}x smaller, {self.dtype})"
+        )
+        if self.quantization:
+            q = self.quantization
+            yield f"weights quantized: {q['bits']} bits, group size {q['group_size']}"
+
+
+def kv_bytes_per_token(config: dict, num_producers: int, dtype_size: int) -> int:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return 2 * n_kv * head_dim * dtype_size * num_producers
+
+
+def convert(
+    model: str = "default",
+    plan: str = "none",
+    *,
+    kv_init: str = "own",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Optional[str] = None,
+    out=None,
+    force: bool = False,
+    revision: Optional[str] = None,
+    progress: bool = False,
+):
+    """Convert a source model; write it to ``out`` if given. Returns (model, tokenizer, config, summary)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise EchoError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if quantize and q_bits not in Q_BITS:
+        raise EchoError(f"--q-bits {q_bits} is not supported: use one of {', '.join(map(str, Q_BITS))}")
+    if quantize and q_group_size not in Q_GROUP_SIZES:
+        raise EchoError(f"--q-group-size {q_group_size} is not supported: use 32, 64 or 128")
+    if kv_init not in KV_INIT:
+        raise EchoError(f"unknown --kv-init {kv_init!r}: use one of {', '.join(KV_INIT)}")
+    if out is not None and Path(out).exists() and not force:
+        raise EchoError(f"{out} already exists: choose another --out or pass --force to replace it")
+
+    from .sources import load_source
+
+    steps = tqdm(total=4, desc="convert", disable=not progress, unit="step")
+    target_dtype = dtype or default_dtype()
+    src = load_source(model, dtype=target_dtype or "float32", revision=revision)
+    steps.update()
+    sharing = SharingPlan.parse(plan, src.config["num_hidden_layers"])
+    weights = share_kv_weights(src.weights, sharing, kv_init)
+    config = echo_config(src.config, sharing, source=src.source, kv_init=kv_init)
+    echo_model = build_model(config, weights)
+    steps.update()
+
+    quantization = None
+    if quantize:
+        quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+        nn.quantize(echo_model, q_group_size, q_bits, class_predicate=_quantizable(q_group_size))
+    elif target_dtype is None and src.quantization:
+        # Apple silicon default: keep a quantized source (e.g. GGUF Q4_1) quantized.
+        quantization = dict(src.quantization, mode="affine")
+        quantizable = _quantizable(src.quantization["group_size"])
+        nn.quantize(
+            echo_model,
+            src.quantization["group_size"],
+            src.quantization["bits"],
+            class_predicate=lambda p, m: quantizable(p, m) and src.quantization.get(p, True),
+        )
+    if quantization:
+        config["quantization"] = quantization
+    steps.update()
+
+    params_before = sum(v.size for v in src.weights.values())
+    params_after = sum(v.size for v in weights.values())
+    dtype_size = mx.array(0, dtype=getattr(mx, target_dtype or "float16")).itemsize
+    summary = Summary(
+        sharing,
+        params_before,
+        params_after,
+        kv_bytes_per_token(config, sharing.num_layers, dtype_size),
+        kv_bytes_per_token(config, len(sharing.producers), dtype_size),
+        target_dtype or src.source_dtype,
+        quantization,
+    )
+    if out is not None:
+        checkpoint.save(out, echo_model, config, src.tokenizer, force=force)
+    steps.update()
+    steps.close()
+    return echo_model, src.tokenizer, config, summary
+
+
+def _quantizable(group_size: int):
+    return lambda path, module: (
+        hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+    )
