@@ -87,7 +87,7 @@ def load(path, *, lazy: bool = False) -> Tuple[nn.Module, object, dict]:
             f"{path} is not an echo checkpoint (model_type {config.get('model_type')!r}): "
             f"convert it first with `echo-mlx convert --model {path}`"
         )
-    classes = lambda _config: (model_module.Model, model_module.ModelArgs)
+    classes = lambda config: (model_module.Model, model_module.ModelArgs)
     try:
         # model_file=None: build from our installed code, never run the copy in the checkpoint.
         model, config = load_model(

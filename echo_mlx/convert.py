@@ -57,7 +57,10 @@ def _is_kv(key: str) -> bool:
 
 
 def echo_config(source_config: dict, plan: SharingPlan, *, source: str, kv_init: str) -> dict:
-    config = {k: v for k, v in source_config.items() if k not in ("model_type", "model_file")}
+    # None values dropped: transformers (reading config.json for the tokenizer) warns on rope_scaling=None.
+    config = {
+        k: v for k, v in source_config.items() if k not in ("model_type", "model_file") and v is not None
+    }
     config.update(plan.to_config())
     config["echo"] = {"plan": plan.name or str(plan), "kv_init": kv_init, "source": source}
     return config
@@ -133,11 +136,13 @@ def convert(
 
     from .sources import load_source
 
-    steps = tqdm(total=4, desc="convert", disable=not progress, unit="step")
+    # Validate everything a user can get wrong before the progress bar starts,
+    # so an error is one clean line.
     target_dtype = dtype or default_dtype()
     src = load_source(model, dtype=target_dtype or "float32", revision=revision)
-    steps.update()
     sharing = SharingPlan.parse(plan, src.config["num_hidden_layers"])
+
+    steps = tqdm(total=3, desc="convert", disable=not progress, unit="step", leave=False)
     weights = share_kv_weights(src.weights, sharing, kv_init)
     config = echo_config(src.config, sharing, source=src.source, kv_init=kv_init)
     echo_model = build_model(config, weights)
