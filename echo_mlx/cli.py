@@ -5,10 +5,15 @@ exists there. Every user error is an EchoError: printed as one line, exit 2.
 """
 
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.29 vendors click; its exceptions are not click's
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException
 
 from . import blas  # noqa: F401  (imported first: loads OpenBLAS before mlx)
 from .errors import EchoError
@@ -107,57 +112,159 @@ def info(model: Optional[str] = typer.Option(None, help="Also describe this echo
         typer.echo(f"source: {config.get('echo', {}).get('source')}")
 
 
-@app.command()
-def generate(
-    model: str = typer.Option("default", help="An echo checkpoint, or a source model converted on the fly with --plan."),
-    plan: str = typer.Option("none", help="Sharing plan when --model is not an echo checkpoint."),
-    prompt: str = typer.Option("Hello", "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
-    max_tokens: int = typer.Option(100, "-m", "--max-tokens"),
-    temp: float = typer.Option(0.0, "--temp"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: Optional[int] = typer.Option(None),
-    system_prompt: Optional[str] = typer.Option(None),
-    ignore_chat_template: bool = typer.Option(False),
-    verbose: bool = typer.Option(True, help="Print the closing statistics."),
-):
-    """Stream a completion with the shared (reduced) KV cache."""
-    import mlx.core as mx
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
+def _true_or_false(value: str, flag: str) -> bool:
+    if value.lower() in ("true", "t", "1", "yes"):
+        return True
+    if value.lower() in ("false", "f", "0", "no"):
+        return False
+    raise EchoError(f"{flag} takes True or False, not {value!r}")
 
+
+def _load_model(model: str, plan: str, adapter_path: Optional[str]):
     from .api import load
-    from .checkpoint import kv_cache_bytes
 
+    model_, tokenizer = load(model, plan=plan)
+    if adapter_path is not None:
+        from mlx_lm.utils import load_adapters
+
+        if not (Path(adapter_path) / "adapter_config.json").is_file():
+            raise EchoError(f"{adapter_path} has no adapter_config.json: pass the --adapter-path written by finetune")
+        try:
+            model_ = load_adapters(model_, adapter_path)
+        except (ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EchoError(f"adapters in {adapter_path} do not fit {model} ({first}): use adapters trained for this model and plan")
+        model_.eval()
+    return model_, tokenizer
+
+
+def _chat_prompt(tokenizer, prompt: str, system_prompt: Optional[str], ignore_chat_template: bool):
+    """Token ids of the prompt, through the chat template when there is one."""
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise EchoError("the prompt is empty: pass text with --prompt or pipe it with --prompt -")
+    prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if ignore_chat_template or not tokenizer.has_chat_template:
+        return tokenizer.encode(prompt)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("default", help="An echo checkpoint, or a source model converted on the fly with --plan."),
+    plan: str = typer.Option("none", help="Sharing plan when --model is not an echo checkpoint."),
+    adapter_path: Optional[str] = typer.Option(None, help="LoRA adapters written by finetune."),
+    prompt: str = typer.Option("Hello", "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Batched generation: one prompt per line."),
+    batch_size: int = typer.Option(8, help="Sequences decoded together with --prompts-file."),
+    system_prompt: Optional[str] = typer.Option(None),
+    ignore_chat_template: bool = typer.Option(False),
+    max_tokens: int = typer.Option(100, "-m", "--max-tokens"),
+    temp: float = typer.Option(0.0, "--temp"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    seed: Optional[int] = typer.Option(None),
+    max_kv_size: Optional[int] = typer.Option(None, help="Keep a sliding window of this many tokens per producer cache."),
+    kv_bits: Optional[int] = typer.Option(None, help="Quantize the KV cache to this many bits (4 or 8)."),
+    kv_group_size: int = typer.Option(64, help="Group size of the KV-cache quantization."),
+    quantized_kv_start: int = typer.Option(5000, help="Quantize the KV cache once it holds this many tokens."),
+    prefill_step_size: int = typer.Option(2048),
+    prompt_cache_file: Optional[Path] = typer.Option(None, help="Continue from a cache written by cache-prompt."),
+    truncate_prompt: bool = typer.Option(False, help="Keep the last tokens of a prompt longer than the context."),
+    verbose: str = typer.Option("True", help="Print the closing statistics (True/False, as mlx_lm.generate)."),
+):
+    """Stream a completion with the shared (reduced) KV cache."""
+    verbose = _true_or_false(verbose, "--verbose")
+    import mlx.core as mx
+
+    from . import generate as gen
+
+    gen.check_options(kv_bits, kv_group_size, max_kv_size)
     if seed is not None:
         mx.random.seed(seed)
-    model_, tokenizer = load(model, plan=plan)
-    if not ignore_chat_template and tokenizer.chat_template is not None:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    model_, tokenizer = _load_model(model, plan, adapter_path)
+    sampler = gen.sampler_from(temp, top_p, top_k, min_p)
+
+    if prompts_file is not None:
+        lines = [l for l in prompts_file.read_text().splitlines() if l.strip()] if prompts_file.is_file() else []
+        if not lines:
+            raise EchoError(f"{prompts_file} has no prompts: write one prompt per line")
+        prompts = [gen.fit_prompt(_chat_prompt(tokenizer, l, system_prompt, ignore_chat_template), model_, max_kv_size, truncate_prompt) for l in lines]
+        texts, stats = gen.generate_batch(model_, tokenizer, prompts, max_tokens=max_tokens, sampler=sampler,
+                                          max_kv_size=max_kv_size, batch_size=batch_size, prefill_step_size=prefill_step_size)
+        for i, text in enumerate(texts):
+            typer.echo(f"--- {i}: {lines[i]}\n{text}")
+        if verbose:
+            typer.echo("=" * 10)
+            typer.echo(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
+            typer.echo(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec")
+            typer.echo(f"Peak memory: {stats.peak_memory:.3f} GB")
+        return
+
+    if prompt_cache_file is not None:
+        cache = gen.load_cache_file(prompt_cache_file, model_)
+        # The cached prefix holds the conversation start: send the query alone.
+        ids = tokenizer.encode(prompt if prompt != "-" else sys.stdin.read(), add_special_tokens=False)
+        if not ids:
+            raise EchoError("the prompt is empty: pass text with --prompt or pipe it with --prompt -")
+    else:
+        cache = gen.make_prompt_cache(model_, max_kv_size)
+        ids = gen.fit_prompt(_chat_prompt(tokenizer, prompt, system_prompt, ignore_chat_template), model_, max_kv_size, truncate_prompt)
+    for piece in gen.stream(model_, tokenizer, ids, cache=cache, max_tokens=max_tokens, sampler=sampler,
+                            kv_bits=kv_bits, kv_group_size=kv_group_size,
+                            quantized_kv_start=quantized_kv_start, prefill_step_size=prefill_step_size):
+        if isinstance(piece, gen.Stats):
+            typer.echo()
+            if verbose:
+                for line in piece.lines():
+                    typer.echo(line)
+        else:
+            typer.echo(piece, nl=False)
+
+
+@app.command("cache-prompt")
+def cache_prompt(
+    prompt_cache_file: Path = typer.Option(..., help="The .safetensors file to write."),
+    model: str = typer.Option("default", help="An echo checkpoint, or a source model converted with --plan."),
+    plan: str = typer.Option("none", help="Sharing plan when --model is not an echo checkpoint."),
+    adapter_path: Optional[str] = typer.Option(None),
+    prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
+    system_prompt: Optional[str] = typer.Option(None),
+    ignore_chat_template: bool = typer.Option(False),
+    max_kv_size: Optional[int] = typer.Option(None),
+    kv_bits: Optional[int] = typer.Option(None),
+    kv_group_size: int = typer.Option(64),
+    quantized_kv_start: int = typer.Option(5000),
+    prefill_step_size: int = typer.Option(2048),
+    truncate_prompt: bool = typer.Option(False),
+):
+    """Prefill a prompt (e.g. a long document) once and save its shared cache."""
+    from . import generate as gen
+
+    gen.check_options(kv_bits, kv_group_size, max_kv_size)
+    model_, tokenizer = _load_model(model, plan, adapter_path)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise EchoError("the prompt is empty: pass text with --prompt or pipe it with --prompt -")
+    if ignore_chat_template or not tokenizer.has_chat_template:
+        ids = tokenizer.encode(prompt)
+    else:
+        # Cache the conversation up to the user's turn; generate appends the query.
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    cache = model_.make_cache()
-    last = None
-    for last in stream_generate(
-        model_, tokenizer, prompt, max_tokens=max_tokens,
-        sampler=make_sampler(temp, top_p), prompt_cache=cache,
-    ):
-        typer.echo(last.text, nl=False)
-    typer.echo()
-    if verbose and last is not None:
-        producers, layers = len(cache), len(model_.layers)
-        kv = kv_cache_bytes(cache)
-        typer.echo("=" * 10)
-        typer.echo(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
-        typer.echo(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
-        typer.echo(f"Peak memory: {last.peak_memory:.3f} GB")
-        typer.echo(
-            f"KV cache: {kv / 2**20:.2f} MiB resident for {producers}/{layers} K/V layers "
-            f"(unshared: {kv * layers / producers / 2**20:.2f} MiB)"
-        )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = gen.fit_prompt(ids, model_, max_kv_size, truncate_prompt)
+    cache = gen.make_prompt_cache(model_, max_kv_size)
+    tps = gen.prefill(model_, ids, cache, prefill_step_size, kv_bits, kv_group_size, quantized_kv_start)
+    gen.save_cache_file(prompt_cache_file, cache, model_, model)
+    typer.echo(f"cached {len(ids)} tokens at {tps:.1f} tokens-per-sec into {prompt_cache_file}")
 
 
 def main(argv=None):
@@ -166,9 +273,9 @@ def main(argv=None):
     except EchoError as e:
         print(f"echo-mlx: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         print("echo-mlx: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         sys.exit(e.exit_code)
