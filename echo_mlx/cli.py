@@ -131,7 +131,7 @@ def _load_model(model: str, plan: str, adapter_path: Optional[str]):
             raise EchoError(f"{adapter_path} has no adapter_config.json: pass the --adapter-path written by finetune")
         try:
             model_ = load_adapters(model_, adapter_path)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EchoError(f"adapters in {adapter_path} do not fit {model} ({first}): use adapters trained for this model and plan")
         model_.eval()

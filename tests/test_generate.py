@@ -133,22 +133,28 @@ def test_stock_mlx_lm_server_answers_on_an_echo_checkpoint(tiny_ckpt):
     server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(tiny_ckpt),
                                "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        body = json.dumps({"prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
-        deadline = time.time() + 120
+
+    def post(route, payload, deadline=time.time() + 120):
         while True:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=json.dumps(payload).encode(),
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=60) as response:
-                    answer = json.loads(response.read())
-                break
+                    return json.loads(response.read())
             except (ConnectionError, urllib.error.URLError):
                 if time.time() > deadline or server.poll() is not None:
                     raise
                 time.sleep(1)
-        assert answer["choices"][0]["text"] is not None
-        assert answer["usage"]["completion_tokens"] >= 1
+
+    try:
+        completion = post("/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert completion["usage"]["completion_tokens"] >= 1
+        chat = {"messages": [{"role": "user", "content": "Say hi " * 8}], "max_tokens": 4, "temperature": 0}
+        first = post("/v1/chat/completions", chat)
+        assert first["choices"][0]["message"]["content"] is not None
+        again = post("/v1/chat/completions", chat)  # same prefix: served from the server's prompt cache
+        assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -167,6 +173,14 @@ def test_bad_generate_input_fails_with_one_line(tiny_ckpt, tmp_path, capsys):
     assert "--truncate-prompt" in error("-p", long_prompt, "--ignore-chat-template")
     assert "does not exist" in error("--prompt-cache-file", str(tmp_path / "none.safetensors"))
     assert "no adapter_config.json" in error("--adapter-path", str(tmp_path))
+    # LoRA adapters (mlx-lm format) trained for a model with hidden size 576, not 64:
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}))
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), {
+        "model.layers.1.self_attn.q_proj.lora_a": mx.zeros((576, 4)),
+        "model.layers.1.self_attn.q_proj.lora_b": mx.zeros((4, 576)),
+    })
+    assert "do not fit" in error("--adapter-path", str(tmp_path))
 
 
 def test_prompt_longer_than_context_is_truncated_only_when_asked(tiny_ckpt):
