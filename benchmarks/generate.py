@@ -22,7 +22,6 @@ import time
 
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 

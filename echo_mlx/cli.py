@@ -91,7 +91,7 @@ def info(model: Optional[str] = typer.Option(None, help="Also describe this echo
     import mlx.core as mx
     import mlx_lm
 
-    from . import __version__, blas
+    from . import __version__
     from .sources import default_model_path
 
     typer.echo(f"echo-mlx {__version__}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}")

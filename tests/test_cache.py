@@ -18,7 +18,6 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import (
     RotatingKVCache,
     can_trim_prompt_cache,
-    load_prompt_cache,
     save_prompt_cache,
     trim_prompt_cache,
 )

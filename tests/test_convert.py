@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from fixtures import write_hf_dir
 
