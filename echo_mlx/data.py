@@ -1,0 +1,79 @@
+"""Training data for the adaptation finetune.
+
+Two sources: a ``--data`` directory in mlx-lm's format (``train.jsonl``,
+``valid.jsonl``, ``test.jsonl`` with ``text``, ``messages`` or
+``prompt``/``completion`` records, parsed by mlx-lm's own dataset classes), or,
+with no ``--data``, the built-in corpus (echo_mlx.corpus), cut into windows
+from its *training half only*, so held-out perplexity stays held out.
+
+We read the JSONL ourselves first so a broken line is reported with its
+number, and count the examples longer than ``--max-seq-length`` (truncated,
+with a warning) instead of letting them fail deep inside training.
+"""
+
+import json
+import types
+import warnings
+from pathlib import Path
+from typing import List, Tuple
+
+from .corpus import builtin_tokens, split
+from .errors import EchoError
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EchoError(f"{path}:{number}: not valid JSON ({e.msg}): fix or remove that line")
+            if not isinstance(record, dict):
+                raise EchoError(f"{path}:{number}: each line must be a JSON object like {{\"text\": ...}}")
+            records.append(record)
+    return records
+
+
+def load_data_dir(data_dir, tokenizer, *, max_seq_length: int, mask_prompt: bool = False):
+    """(train, valid) as lists of (token ids, prompt length) pairs."""
+    from mlx_lm.tuner.datasets import create_dataset
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "train.jsonl").is_file():
+        raise EchoError(f"{data_dir} has no train.jsonl: put train.jsonl (and valid.jsonl) there, one JSON record a line")
+    config = types.SimpleNamespace(mask_prompt=mask_prompt)
+    out = []
+    for name in ("train", "valid"):
+        path = data_dir / f"{name}.jsonl"
+        records = read_jsonl(path) if path.is_file() else []
+        if name == "train" and not records:
+            raise EchoError(f"{path} is empty: add at least one record")
+        if not records:
+            out.append([])
+            continue
+        try:
+            dataset = create_dataset(records, tokenizer, config)
+        except ValueError as e:
+            first = str(e).splitlines()[0]
+            raise EchoError(f"{path}: {first}: use records with 'text', 'messages' or 'prompt'+'completion'")
+        out.append(_truncated([dataset.process(dataset[i]) for i in range(len(dataset))], max_seq_length, path))
+    return out[0], out[1]
+
+
+def _truncated(examples: List[Tuple[list, int]], max_seq_length: int, path) -> List[Tuple[list, int]]:
+    long = sum(len(ids) > max_seq_length for ids, _ in examples)
+    if long:
+        warnings.warn(f"{path}: {long} of {len(examples)} examples are longer than --max-seq-length "
+                      f"{max_seq_length} tokens and were truncated")
+    return [(ids[:max_seq_length], min(offset, max_seq_length)) for ids, offset in examples]
+
+
+def builtin_windows(tokenizer, seq_length: int, valid_fraction: float = 0.05):
+    """(train, valid) windows of ``seq_length`` tokens from the corpus's training half."""
+    train_half, _ = split(builtin_tokens(tokenizer))
+    windows = [(train_half[i : i + seq_length], 0) for i in range(0, len(train_half) - seq_length + 1, seq_length)]
+    n_valid = max(1, int(len(windows) * valid_fraction))
+    return windows[n_valid:], windows[:n_valid]
