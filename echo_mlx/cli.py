@@ -138,18 +138,22 @@ def _load_model(model: str, plan: str, adapter_path: Optional[str]):
     return model_, tokenizer
 
 
-def _chat_prompt(tokenizer, prompt: str, system_prompt: Optional[str], ignore_chat_template: bool):
-    """Token ids of the prompt, through the chat template when there is one."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
+def _read_prompt(prompt: str) -> str:
+    prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt.strip():
         raise EchoError("the prompt is empty: pass text with --prompt or pipe it with --prompt -")
-    prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+    return prompt
+
+
+def _chat_prompt(tokenizer, prompt: str, system_prompt: Optional[str], ignore_chat_template: bool,
+                 add_generation_prompt: bool = True):
+    """Token ids of the prompt, through the chat template when there is one."""
+    prompt = _read_prompt(prompt)
     if ignore_chat_template or not tokenizer.has_chat_template:
         return tokenizer.encode(prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -209,9 +213,7 @@ def generate(
     if prompt_cache_file is not None:
         cache = gen.load_cache_file(prompt_cache_file, model_)
         # The cached prefix holds the conversation start: send the query alone.
-        ids = tokenizer.encode(prompt if prompt != "-" else sys.stdin.read(), add_special_tokens=False)
-        if not ids:
-            raise EchoError("the prompt is empty: pass text with --prompt or pipe it with --prompt -")
+        ids = tokenizer.encode(_read_prompt(prompt), add_special_tokens=False)
     else:
         cache = gen.make_prompt_cache(model_, max_kv_size)
         ids = gen.fit_prompt(_chat_prompt(tokenizer, prompt, system_prompt, ignore_chat_template), model_, max_kv_size, truncate_prompt)
@@ -248,18 +250,8 @@ def cache_prompt(
 
     gen.check_options(kv_bits, kv_group_size, max_kv_size)
     model_, tokenizer = _load_model(model, plan, adapter_path)
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise EchoError("the prompt is empty: pass text with --prompt or pipe it with --prompt -")
-    if ignore_chat_template or not tokenizer.has_chat_template:
-        ids = tokenizer.encode(prompt)
-    else:
-        # Cache the conversation up to the user's turn; generate appends the query.
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+    # Cache the conversation up to the user's turn; generate appends the query.
+    ids = _chat_prompt(tokenizer, prompt, system_prompt, ignore_chat_template, add_generation_prompt=False)
     ids = gen.fit_prompt(ids, model_, max_kv_size, truncate_prompt)
     cache = gen.make_prompt_cache(model_, max_kv_size)
     tps = gen.prefill(model_, ids, cache, prefill_step_size, kv_bits, kv_group_size, quantized_kv_start)
