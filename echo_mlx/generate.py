@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.generate import batch_generate, stream_generate
 from mlx_lm.models.cache import RotatingKVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
@@ -66,11 +67,9 @@ def model_fingerprint(model) -> str:
     a few weight values (so a finetuned or different model does not match)."""
     h = hashlib.sha256()
     h.update(json.dumps([model.args.kv_sources, model.args.sliding_layers]).encode())
-    layers = model.layers
-    probes = [model.model.embed_tokens.weight[:4]] + [layers[i].self_attn.o_proj.weight[:2] for i in range(len(layers))]
-    for a in probes:
-        h.update(str(a.shape).encode())
-        h.update(bytes(memoryview(a.astype(mx.float32))))
+    for name, a in tree_flatten(model.parameters()):  # a slice of every tensor: cheap, catches any re-init
+        h.update(f"{name}{a.shape}".encode())
+        h.update(bytes(memoryview(a.reshape(-1)[:64].astype(mx.float32))))
     return h.hexdigest()[:16]
 
 

@@ -111,6 +111,11 @@ def test_prompt_cache_from_another_plan_or_model_is_refused(tiny_ckpt, tmp_path,
     other_plan, _ = echo_mlx.load(str(tiny_ckpt.parent / "hf"), plan="none")
     with pytest.raises(EchoError, match="was made for plan 0_0, this model uses 0_1"):
         gen.load_cache_file(path, other_plan)
+    same_source_mean_init, _ = echo_mlx.load(str(tiny_ckpt.parent / "hf"), plan="cla:2", kv_init="mean")
+    with pytest.raises(EchoError, match="was made with another model"):  # only W_K/W_V differ
+        gen.load_cache_file(path, same_source_mean_init)
+    same_model, _ = echo_mlx.load(str(tiny_ckpt.parent / "hf"), plan="cla:2")
+    assert len(gen.load_cache_file(path, same_model)) == 1  # converted in memory = the checkpoint
     other_weights = tmp_path / "hf2"
     write_hf_dir(other_weights, dtype="float32", seed=7)
     other_model, _ = echo_mlx.load(str(other_weights), plan="cla:2")
