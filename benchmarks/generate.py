@@ -27,7 +27,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from echo_mlx import blas
 from echo_mlx.checkpoint import kv_cache_bytes
-from echo_mlx.convert import build_model, echo_config, share_kv_weights
+from echo_mlx.convert import shared_model
 from echo_mlx.corpus import builtin_tokens
 from echo_mlx.plans import SharingPlan
 from echo_mlx.sources import load_source
@@ -39,8 +39,7 @@ def build(src, name):
         model.load_weights(list(model.sanitize(dict(src.weights)).items()))
         return model, lambda: make_prompt_cache(model)
     plan = SharingPlan.parse(name, src.config["num_hidden_layers"])
-    config = echo_config(src.config, plan, source=src.source, kv_init="own")
-    model = build_model(config, share_kv_weights(src.weights, plan, "own"))
+    model, _ = shared_model(src.config, src.weights, plan, source=src.source)
     return model, model.make_cache
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from . import checkpoint
@@ -75,6 +76,12 @@ def build_model(config: dict, weights: dict) -> Model:
         raise EchoError(f"source weights do not fit the model ({e}): is it a LLaMA checkpoint?")
     mx.eval(model.parameters())
     return model
+
+
+def shared_model(config: dict, weights: dict, plan: SharingPlan, *, kv_init: str = "own", source: str = ""):
+    """(echo model, echo config) from an unshared llama's config and weights."""
+    echo = echo_config(config, plan, source=source, kv_init=kv_init)
+    return build_model(echo, share_kv_weights(weights, plan, kv_init)), echo
 
 
 @dataclass
@@ -143,9 +150,8 @@ def convert(
     sharing = SharingPlan.parse(plan, src.config["num_hidden_layers"])
 
     steps = tqdm(total=3, desc="convert", disable=not progress, unit="step", leave=False)
-    weights = share_kv_weights(src.weights, sharing, kv_init)
-    config = echo_config(src.config, sharing, source=src.source, kv_init=kv_init)
-    echo_model = build_model(config, weights)
+    echo_model, config = shared_model(src.config, src.weights, sharing, kv_init=kv_init, source=src.source)
+    params_after = sum(v.size for _, v in tree_flatten(echo_model.parameters()))  # before any quantization
     steps.update()
 
     quantization = None
@@ -167,7 +173,6 @@ def convert(
     steps.update()
 
     params_before = sum(v.size for v in src.weights.values())
-    params_after = sum(v.size for v in weights.values())
     dtype_size = mx.array(0, dtype=getattr(mx, target_dtype or "float16")).itemsize
     summary = Summary(
         sharing,

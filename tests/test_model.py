@@ -6,7 +6,7 @@ from conftest import TINY, tiny_llama_weights
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from echo_mlx.convert import build_model, echo_config, share_kv_weights
+from echo_mlx.convert import share_kv_weights, shared_model
 from echo_mlx.plans import SharingPlan
 from echo_mlx.checkpoint import kv_cache_bytes
 
@@ -18,8 +18,7 @@ def echo_model(plan, kv_init="own", **overrides):
     weights = tiny_llama_weights(**overrides)
     config = dict(TINY, **overrides)
     sharing = SharingPlan.parse(plan, config["num_hidden_layers"])
-    return build_model(echo_config(config, sharing, source="tiny", kv_init=kv_init),
-                       share_kv_weights(weights, sharing, kv_init))
+    return shared_model(config, weights, sharing, kv_init=kv_init)[0]
 
 
 def tokens(B=2, T=9, seed=1):

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from echo_mlx.checkpoint import kv_cache_bytes
-from echo_mlx.convert import build_model, echo_config, share_kv_weights
+from echo_mlx.convert import shared_model
 from echo_mlx.plans import PRESETS, SharingPlan
 
 L = 30
@@ -27,8 +27,7 @@ REAL_PLANS = [resolve(p) for p in PRESETS]
 
 def convert_in_memory(src, plan, kv_init="own"):
     sharing = SharingPlan.parse(plan, L)
-    config = echo_config(src.config, sharing, source=src.source, kv_init=kv_init)
-    return build_model(config, share_kv_weights(src.weights, sharing, kv_init))
+    return shared_model(src.config, src.weights, sharing, kv_init=kv_init, source=src.source)[0]
 
 
 def prompt_ids(src, T):

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from echo_mlx.convert import build_model, echo_config, share_kv_weights  # noqa: E402
+from echo_mlx.convert import shared_model  # noqa: E402
 from echo_mlx.plans import SharingPlan  # noqa: E402
 
 LLAMA3_SCALING = {
@@ -42,8 +42,7 @@ def hf_and_echo(num_kv_heads, tie, rope_scaling, seed=0):
         rope_theta=rope["rope_theta"], rope_scaling=rope_scaling,
     )
     plan = SharingPlan.parse("none", 3)
-    ours = build_model(echo_config(config, plan, source="hf", kv_init="own"),
-                       share_kv_weights(weights, plan, "own"))
+    ours, _ = shared_model(config, weights, plan)
     return hf, ours
 
 
