@@ -125,16 +125,9 @@ def _load_model(model: str, plan: str, adapter_path: Optional[str]):
 
     model_, tokenizer = load(model, plan=plan)
     if adapter_path is not None:
-        from mlx_lm.utils import load_adapters
+        from . import adapters
 
-        if not (Path(adapter_path) / "adapter_config.json").is_file():
-            raise EchoError(f"{adapter_path} has no adapter_config.json: pass the --adapter-path written by finetune")
-        try:
-            model_ = load_adapters(model_, adapter_path)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EchoError(f"adapters in {adapter_path} do not fit {model} ({first}): use adapters trained for this model and plan")
-        model_.eval()
+        model_ = adapters.apply(model_, adapter_path, model)
     return model_, tokenizer
 
 
@@ -257,6 +250,92 @@ def cache_prompt(
     tps = gen.prefill(model_, ids, cache, prefill_step_size, kv_bits, kv_group_size, quantized_kv_start)
     gen.save_cache_file(prompt_cache_file, cache, model_, model)
     typer.echo(f"cached {len(ids)} tokens at {tps:.1f} tokens-per-sec into {prompt_cache_file}")
+
+
+@app.command()
+def finetune(
+    model: Optional[str] = typer.Option(None, help="An echo checkpoint, or a source model with --plan (default: 'default')."),
+    plan: Optional[str] = typer.Option(None, help="Target sharing plan (default: the checkpoint's)."),
+    kv_init: Optional[str] = typer.Option(None, help="Producer K/V init when converting: own | mean."),
+    teacher: Optional[str] = typer.Option(None, help="'default' (the model the checkpoint was converted from), a source model, or 'none'."),
+    data: Optional[str] = typer.Option(None, help="mlx-lm data dir (train/valid.jsonl); default: the built-in corpus."),
+    fine_tune_type: Optional[str] = typer.Option(None, help="lora | dora | full."),
+    num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
+    batch_size: Optional[int] = typer.Option(None),
+    iters: Optional[int] = typer.Option(None),
+    val_batches: Optional[int] = typer.Option(None),
+    learning_rate: Optional[float] = typer.Option(None),
+    steps_per_report: Optional[int] = typer.Option(None),
+    steps_per_eval: Optional[int] = typer.Option(None),
+    save_every: Optional[int] = typer.Option(None),
+    adapter_path: Optional[str] = typer.Option(None, help="Run directory: adapters, checkpoints, metrics, loss.png."),
+    max_seq_length: Optional[int] = typer.Option(None),
+    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint"),
+    grad_accumulation_steps: Optional[int] = typer.Option(None),
+    mask_prompt: Optional[bool] = typer.Option(None, "--mask-prompt"),
+    optimizer: Optional[str] = typer.Option(None, help="adam | adamw | sgd."),
+    kd_alpha: Optional[float] = typer.Option(None, help="Weight of KL(teacher||student); 1 - alpha goes to cross-entropy."),
+    kd_temperature: Optional[float] = typer.Option(None),
+    schedule: Optional[str] = typer.Option(None, help="direct | progressive (ECHO-LLaMA's moving boundary)."),
+    stages: Optional[int] = typer.Option(None, help="Progressive: number of stages."),
+    layers_per_stage: Optional[int] = typer.Option(None, help="Progressive: boundary step per stage (default 1)."),
+    seed: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(False, help="Continue the run in --adapter-path from its last checkpoint."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML file with any of these settings (mlx-lm's lora config keys)."),
+):
+    """Adapt a converted model (LoRA/DoRA/full, distillation, progressive schedule)."""
+    from .finetune import FinetuneArgs, finetune as run
+
+    settings = _read_yaml(config) if config else {}
+    given = {k: v for k, v in locals().items() if k not in ("config", "settings", "run", "FinetuneArgs") and v is not None}
+    if not resume:
+        given.pop("resume")
+    unknown = set(settings) - set(FinetuneArgs.__dataclass_fields__)
+    if unknown:
+        raise EchoError(f"{config}: unknown keys {', '.join(sorted(unknown))}: use the names of `echo-mlx finetune --help` with underscores")
+    args = FinetuneArgs(**{**settings, **given})
+    result = run(args, progress=True)
+    best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    teacher_line = f" (teacher {result.teacher_val_loss:.4f})" if result.teacher_val_loss is not None else ""
+    typer.echo(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s{best}{teacher_line}")
+    typer.echo(f"adapters: {result.adapter_path}")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EchoError(f"config file {path} does not exist")
+    except yaml.YAMLError as e:
+        raise EchoError(f"{path} is not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(settings, dict):
+        raise EchoError(f"{path} must hold a mapping of setting: value")
+    return settings
+
+
+@app.command()
+def fuse(
+    model: str = typer.Option("default", help="The base the adapters were trained on (checkpoint, or source with --plan)."),
+    plan: str = typer.Option("none", help="Sharing plan when --model is not an echo checkpoint."),
+    adapter_path: str = typer.Option("adapters", help="The finetune run directory."),
+    out: str = typer.Option(..., "--out", "--save-path", help="Directory for the fused echo checkpoint."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Fold adapters into the weights: an echo checkpoint for generate and mlx-lm."""
+    from .fuse import fuse as run
+
+    run(model, adapter_path, out, plan=plan, force=force)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def plot(run: Path = typer.Argument(..., help="A finetune --adapter-path."), out: Optional[Path] = typer.Option(None)):
+    """Draw a finetune run's loss curve (train, validation, teacher) as a PNG."""
+    from .plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run, out)}")
 
 
 def main(argv=None):

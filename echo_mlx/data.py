@@ -77,3 +77,45 @@ def builtin_windows(tokenizer, seq_length: int, valid_fraction: float = 0.05):
     windows = [(train_half[i : i + seq_length], 0) for i in range(0, len(train_half) - seq_length + 1, seq_length)]
     n_valid = max(1, int(len(windows) * valid_fraction))
     return windows[n_valid:], windows[:n_valid]
+
+
+def batches(examples, batch_size: int, max_seq_length: int, *, seed: int = 0, start: int = 0,
+            shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    """Endless (batch, lengths) pairs, mlx-lm's layout, reproducible from any position.
+
+    Like mlx_lm.tuner.trainer.iterate_batches (length-sorted batches, rank r of
+    n takes every n-th example of each global batch), but each epoch's order is
+    drawn from its own seeded generator instead of NumPy's global one, so
+    batch number ``start`` can be produced without replaying the ones before
+    it: that is what makes ``--resume`` continue on the same data.
+    ``lengths`` rows are (prompt offset, length) as mlx-lm's losses expect.
+    """
+    import numpy as np
+
+    if batch_size % world_size:
+        raise EchoError(f"--batch-size {batch_size} must be divisible by the {world_size} distributed ranks")
+    if len(examples) < batch_size:
+        raise EchoError(f"{len(examples)} examples are fewer than --batch-size {batch_size}: add data or lower --batch-size")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    number = start
+    while True:
+        epoch, index = divmod(number, len(groups))
+        permutation = np.random.default_rng([seed, epoch]).permutation(len(groups)) if shuffle else range(len(groups))
+        chosen = [examples[i] for i in groups[permutation[index]][rank::world_size]]
+        yield _pad(chosen, max_seq_length)
+        number += 1
+
+
+def _pad(chosen, max_seq_length: int):
+    import numpy as np
+    import mlx.core as mx
+
+    lengths = [min(len(ids), max_seq_length) for ids, _ in chosen]
+    # Pad to one more than a multiple of 32, as mlx-lm does: few distinct shapes.
+    width = min(1 + 32 * ((max(lengths) + 31) // 32), max_seq_length)
+    array = np.zeros((len(chosen), width), np.int32)
+    for row, ((ids, _), n) in enumerate(zip(chosen, lengths)):
+        array[row, :n] = ids[:n]
+    offsets = [min(offset, n) for (_, offset), n in zip(chosen, lengths)]
+    return mx.array(array), mx.array(list(zip(offsets, lengths)))

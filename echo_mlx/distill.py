@@ -5,7 +5,8 @@ loss = alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * CE(student
 averaged over the positions where ``mask`` is 1. ``*_tau`` are the softmaxes
 of logits / tau; the tau^2 factor keeps gradient magnitudes comparable across
 temperatures (Hinton et al.). The teacher is the unshared model the checkpoint
-was converted from; its logits carry no gradient.
+was converted from; its logits carry no gradient. With no teacher the loss
+is the cross-entropy alone.
 """
 
 import mlx.core as mx
@@ -24,8 +25,11 @@ def distillation_loss(student_logits, teacher_logits, targets, mask, *, alpha: f
     mask = mask.astype(mx.float32)
     count = mask.sum()
     student = student_logits.astype(mx.float32)
-    teacher = mx.stop_gradient(teacher_logits.astype(mx.float32))
-    kl = kl_div_loss(student / temperature, teacher / temperature) * temperature**2
     ce = nn.losses.cross_entropy(student, targets)
-    per_position = alpha * kl + (1 - alpha) * ce
+    if teacher_logits is None:  # no teacher: plain next-token cross-entropy
+        per_position = ce
+    else:
+        teacher = mx.stop_gradient(teacher_logits.astype(mx.float32))
+        kl = kl_div_loss(student / temperature, teacher / temperature) * temperature**2
+        per_position = alpha * kl + (1 - alpha) * ce
     return (per_position * mask).sum() / mx.maximum(count, 1), count

@@ -149,7 +149,7 @@ def random_weights(vocab_size, *, tied=True, seed=0, config=CONFIG):
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def write_hf_dir(path, *, tokenizer="json", shards=1, dtype="float16", tied=True, model_type="llama", seed=0):
+def write_hf_dir(path, *, tokenizer="json", shards=1, dtype="float16", tied=True, model_type="llama", seed=0, config=CONFIG):
     """An HF llama checkpoint dir; returns its float32 weights. tokenizer: "json", "spm" or None."""
     from safetensors.numpy import save_file
 
@@ -183,8 +183,9 @@ def write_hf_dir(path, *, tokenizer="json", shards=1, dtype="float16", tied=True
         tok_config["chat_template"] = CHAT_TEMPLATE
         (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
 
+    layout = config
     config = dict(
-        CONFIG,
+        layout,
         model_type=model_type,
         architectures=["LlamaForCausalLM"],
         vocab_size=vocab_size,
@@ -195,7 +196,7 @@ def write_hf_dir(path, *, tokenizer="json", shards=1, dtype="float16", tied=True
     )
     (path / "config.json").write_text(json.dumps(config))
 
-    weights = random_weights(vocab_size, tied=tied, seed=seed)
+    weights = random_weights(vocab_size, tied=tied, seed=seed, config=layout)
     stored = {k: v.astype(dtype) for k, v in weights.items()}
     if shards == 1:
         save_file(stored, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,54 @@
+"""The loss curve of a finetune run: ``ADAPTER_PATH/loss.png`` from ``metrics.jsonl``.
+
+Training loss (the optimised loss: KD and/or CE) and validation
+cross-entropy against training tokens, with the teacher's validation
+cross-entropy as the line to reach. Progressive stages are shaded.
+"""
+
+import json
+from pathlib import Path
+
+from .errors import EchoError
+
+
+def read_metrics(run_dir) -> list:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise EchoError(f"{run_dir} has no metrics.jsonl: pass the --adapter-path of a finetune run")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir, out=None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if "train_loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    teacher = next((r["teacher_val_loss"] for r in records if r.get("teacher_val_loss") is not None), None)
+    # Validation records carry the step; map it to tokens through the training records.
+    tokens_at = {r["step"]: r["tokens"] for r in train}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["train_loss"] for r in train], label="train loss", color="tab:blue", alpha=0.7)
+    if val:
+        xs = [tokens_at.get(r["step"], 0) for r in val]
+        ax.plot(xs, [r["val_loss"] for r in val], "o-", label="validation cross-entropy", color="tab:orange")
+    if teacher is not None:
+        ax.axhline(teacher, ls="--", color="gray", label=f"teacher validation cross-entropy ({teacher:.3f})")
+    stages = sorted({r["stage"] for r in train if "stage" in r})
+    for k in stages[1:]:
+        first = min(r["tokens"] for r in train if r.get("stage") == k)
+        ax.axvline(first, color="lightgray", lw=0.8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_yscale("log")
+    ax.set_title(f"echo-mlx finetune: {Path(run_dir).name}")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
