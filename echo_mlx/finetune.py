@@ -33,7 +33,7 @@ from mlx.utils import tree_map
 
 from . import adapters, checkpoint
 from .data import batches, builtin_windows, load_data_dir
-from .distill import distillation_loss
+from .distill import distillation_loss, teacher_statistics
 from .errors import EchoError
 from .plans import SharingPlan
 from .schedule import build_stages, stage_at
@@ -155,15 +155,23 @@ def _vocab(tokenizer):
 
 # ---- loss and evaluation ------------------------------------------------------
 def make_loss(teacher, alpha: float, temperature: float):
+    # The teacher runs on its own CPU stream: MLX's element-wise CPU kernels
+    # are single-threaded, so its softmaxes overlap the student's (~1.3x/step).
+    teacher_stream = mx.new_stream(mx.default_device())
+
     def loss(model, batch, lengths):
         """(sum of per-token losses, number of tokens): sums make the mean exact
         across gradient-accumulation steps and distributed ranks."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        teacher_logits = None if teacher is None else mx.stop_gradient(teacher(inputs))
+        stats = None
+        if teacher is not None and alpha > 0:
+            with mx.stream(teacher_stream):
+                stats = teacher_statistics(teacher(inputs), temperature)
         mean, count = distillation_loss(
-            model(inputs), teacher_logits, targets, mask, alpha=alpha, temperature=temperature
+            model(inputs), None, targets, mask, alpha=alpha if stats else 0.0,
+            temperature=temperature, teacher_stats=stats,
         )
         return mean * count, count
 
