@@ -34,6 +34,7 @@ from mlx.utils import tree_map
 from . import adapters, checkpoint
 from .data import batches, builtin_windows, load_data_dir
 from .distill import distillation_loss, teacher_statistics
+from .generate import model_fingerprint
 from .errors import EchoError
 from .plans import SharingPlan
 from .schedule import build_stages, stage_at
@@ -129,7 +130,7 @@ class Models:
         self.tokenizer = self.tokenizer or src.tokenizer
         return shared_model(src.config, src.weights, plan, kv_init=self.kv_init, source=src.source)[0]
 
-    def teacher(self, name: str, student_tokenizer):
+    def teacher(self, name: str, student):
         from .convert import shared_model
 
         if name == "none":
@@ -138,10 +139,11 @@ class Models:
         if not name:
             raise EchoError(f"{self.checkpoint} does not record its source model: pass --teacher PATH or --teacher none")
         src = self._load_source(name)
-        if src.config["vocab_size"] != self.vocab_size or src.tokenizer.get_vocab() != _vocab(student_tokenizer):
+        vocab_size = student.args.vocab_size
+        if src.config["vocab_size"] != vocab_size or src.tokenizer.get_vocab() != _vocab(self.tokenizer):
             raise EchoError(
                 f"teacher {name} has another vocabulary ({src.config['vocab_size']} tokens vs the student's "
-                f"{self.vocab_size}): distill from the model the student was converted from"
+                f"{vocab_size}): distill from the model the student was converted from"
             )
         teacher, _ = shared_model(src.config, src.weights, SharingPlan.parse("none", src.config["num_hidden_layers"]))
         teacher.freeze()
@@ -301,8 +303,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     )
     first_student = models.student(stages[0].plan if state is None else stages[stage_at(stages, state.step + 1)].plan)
     tokenizer = models.tokenizer
-    models.vocab_size = first_student.args.vocab_size
-    teacher = models.teacher(args.teacher, tokenizer)
+    teacher = models.teacher(args.teacher, first_student)
     alpha = args.kd_alpha if teacher is not None else 0.0
     loss = make_loss(teacher, alpha, args.kd_temperature)
     ce_loss = make_loss(teacher=None, alpha=0.0, temperature=1.0)
@@ -312,10 +313,6 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     else:
         train, valid = load_data_dir(args.data, tokenizer, max_seq_length=args.max_seq_length, mask_prompt=args.mask_prompt)
 
-    # The base of the final stage identifies the adapters (plan + weights).
-    from .generate import model_fingerprint
-
-    fingerprint = model_fingerprint(models.student(stages[-1].plan))
 
     step = state.step if state else 0
     if main:
@@ -343,6 +340,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
             if stage.last_step <= step:
                 continue
             student = first_student if student is None else models.student(stage.plan)
+            # The untrained base identifies the adapters (plan + weights); only the last stage's are saved.
+            fingerprint = model_fingerprint(student)
             mx.random.seed(args.seed)  # LoRA initialisation
             adapters.make_trainable(student, args.fine_tune_type, stage.trainable_from, args.lora_parameters)
             adapters.load_matching(student, carry)

@@ -62,8 +62,8 @@ def progressive_plans(target: SharingPlan, *, stages: Optional[int] = None, laye
         )
     if stages is not None and layers_per_stage is not None:
         raise EchoError("pass --stages or --layers-per-stage, not both")
-    L, lowest = target.num_layers, first_changed_layer(target)
-    if lowest >= L:
+    L = target.num_layers
+    if not target.consumers:
         raise EchoError("plan 'none' shares nothing: there is nothing to adapt progressively, pass --plan")
     # Boundaries from the top layer down to the lowest consumer.
     lowest_consumer = min(target.consumers)
