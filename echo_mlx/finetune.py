@@ -388,6 +388,9 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     raise EchoError(f"loss became {value} at step {step}; stopped ({where}): lower --learning-rate, then --resume or start over")
                 elapsed = time.perf_counter() - tic
                 tokens_seen += n
+                # The step is complete: snapshot it before reporting, so a Ctrl-C during
+                # the report or validation saves this step. Immutable arrays: references are free.
+                last_good = (step, adapters.trainable_weights(student), tree_map(lambda x: x, optimizer.state), tokens_seen)
                 window_loss, window_tokens, window_time = window_loss + value * n, window_tokens + n, window_time + elapsed
                 bar.update(value, n / elapsed, label)
 
@@ -409,8 +412,6 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                         best = {"step": step, "val_loss": val}
                         adapters.save(run_dir, student, config_for_adapters)
                         best_file.write_text(json.dumps(best))
-                # Immutable arrays: keeping references to the last completed step is free.
-                last_good = (step, adapters.trainable_weights(student), tree_map(lambda x: x, optimizer.state), tokens_seen)
                 if main and (step % args.save_every == 0 or step == args.iters):
                     _save(run_dir, *last_good, args, config)
                 if stop_after is not None and step >= stop_after:
