@@ -43,34 +43,38 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--kd-alpha", type=float, default=1.0)
+    parser.add_argument("--kv-init", default="own")
+    parser.add_argument("--layerwise-iters", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = args.out or f"runs/{args.plan.replace(':', '')}-{args.schedule}"
 
     print(f"model {args.model}, plan {args.plan}, schedule {args.schedule} (stages {args.stages}), "
           f"{args.fine_tune_type}, {args.iters} steps of {args.batch_size} x {args.window}, lr {args.learning_rate}, "
-          f"KD alpha {args.kd_alpha}")
+          f"KD alpha {args.kd_alpha}, kv-init {args.kv_init}, layer-wise steps {args.layerwise_iters}")
     print(f"mlx {mx.__version__}, {platform.machine()}, BLAS: {blas.status()}, float32")
     original, tokenizer = load(args.model, plan="none")
     windows = heldout_windows(builtin_tokens(tokenizer))
     rows = [("original (unshared)", perplexity(original, windows))]
     del original
-    naive, _ = load(args.model, plan=args.plan)
+    naive, _ = load(args.model, plan=args.plan, kv_init=args.kv_init)
     rows.append((f"naive {args.plan}", perplexity(naive, windows)))
     print(f"  before: original {rows[0][1]:.3f}, naive {rows[1][1]:.1f}", flush=True)
 
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     result = finetune(FinetuneArgs(
         model=args.model, plan=args.plan, schedule=args.schedule, stages=args.stages,
+        kv_init=args.kv_init, layerwise_iters=args.layerwise_iters,
         fine_tune_type=args.fine_tune_type, iters=args.iters, batch_size=args.batch_size,
         max_seq_length=args.window, learning_rate=args.learning_rate, kd_alpha=args.kd_alpha,
         steps_per_report=5, steps_per_eval=max(args.iters // 8, 1), val_batches=4, save_every=10, adapter_path=out,
     ), progress=True)
-    wall = time.perf_counter() - tic
+    wall, cpu = time.perf_counter() - tic, time.process_time() - cpu
 
     adapters.apply(naive, out, args.model)  # the best-validation weights
     rows.append((f"adapted {args.plan} ({args.schedule})", perplexity(naive, windows)))
-    print(f"\nadaptation: {result.tokens:,} training tokens, {wall / 60:.1f} min wall (validation included), "
+    print(f"\nadaptation: {result.tokens:,} training tokens, {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU time "
+          f"(validation included), "
           f"best validation CE {result.best_val_loss:.4f} (teacher {result.teacher_val_loss:.4f})")
     print("| model | held-out perplexity | vs original |")
     print("|---|---|---|")

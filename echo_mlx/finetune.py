@@ -8,7 +8,9 @@ pieces: LoRA/DoRA layers, datasets, schedules, gradient averaging.
 
 Stages (echo_mlx.schedule): ``direct`` trains the target plan; ``progressive``
 walks the sharing boundary down, each stage with its own optimizer and
-learning-rate schedule, carrying the trained weights over.
+learning-rate schedule, carrying the trained weights over. ``--layerwise-iters``
+opens a direct run with layer-wise distillation (echo_mlx.layerwise): every
+changed layer matches its teacher layer's output, then end-to-end KD.
 
 Nothing is lost: ``ADAPTER_PATH/state`` (trainable weights, optimizer state,
 step, data position) is written atomically every ``--save-every`` steps and on
@@ -70,6 +72,7 @@ class FinetuneArgs:
     schedule: str = "direct"
     stages: Optional[int] = None
     layers_per_stage: Optional[int] = None
+    layerwise_iters: int = 0  # direct: open with layer-wise distillation (echo_mlx.layerwise)
     val_batches: int = 8
     steps_per_report: int = 10
     steps_per_eval: int = 100
@@ -299,7 +302,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     models = Models(args)
     stages = build_stages(
         models.target, args.iters, schedule=args.schedule, stages=args.stages,
-        layers_per_stage=args.layers_per_stage, num_layers=args.num_layers,
+        layers_per_stage=args.layers_per_stage, num_layers=args.num_layers, layerwise_iters=args.layerwise_iters,
     )
     first_student = models.student(stages[0].plan if state is None else stages[stage_at(stages, state.step + 1)].plan)
     tokenizer = models.tokenizer
@@ -321,6 +324,9 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     best_file = run_dir / BEST
     best = json.loads(best_file.read_text()) if state and best_file.exists() else None
     teacher_val = evaluate(teacher, ce_loss, valid, args, rank, size) if teacher is not None and valid else None
+    losses = {"kd": loss}
+    if any(s.kind == "layerwise" for s in stages):
+        losses["layerwise"] = _layerwise_loss(teacher, models.target, train, args)
     if teacher_val is not None and step == 0:
         metrics.write(step=0, teacher_val_loss=teacher_val)
 
@@ -353,13 +359,14 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
             if state is not None and stage_at(stages, state.step) == k and state.step >= stage.first_step:
                 optimizer.state = state.optimizer
             state = None
-            value_and_grad = nn.value_and_grad(student, loss)
+            value_and_grad = nn.value_and_grad(student, losses[stage.kind])
             config_for_adapters = adapters.adapter_config(
                 args.fine_tune_type, stage.trainable_from, args.lora_parameters,
                 plan=str(stage.plan), fingerprint=fingerprint, model=models.model_name,
             )
             final_stage = k == len(stages) - 1
             label = f"stage {k + 1}/{len(stages)}" if len(stages) > 1 else "finetune"
+            label += " (layer-wise)" if stage.kind == "layerwise" else ""
             student.train()
             window_loss, window_tokens, window_time = 0.0, 0, 0.0
             while step < stage.last_step:
@@ -396,7 +403,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
 
                 if step % args.steps_per_report == 0 or step == stage.last_step:
                     metrics.write(
-                        step=step, stage=k, train_loss=window_loss / window_tokens, tokens=tokens_seen,
+                        step=step, stage=k, kind=stage.kind, train_loss=window_loss / window_tokens, tokens=tokens_seen,
                         tokens_per_second=window_tokens / window_time, learning_rate=optimizer.learning_rate.item(),
                         elapsed=time.perf_counter() - started,
                     )
@@ -434,6 +441,19 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
 
         plot_run(run_dir)
     return Result(step, tokens_seen - tokens_at_start, time.perf_counter() - started, best and best["val_loss"], teacher_val, run_dir)
+
+
+def _layerwise_loss(teacher, target: SharingPlan, train, args: FinetuneArgs):
+    from .layerwise import changed_layers, layer_scales, make_layerwise_loss
+
+    if teacher is None:
+        raise EchoError("--layerwise-iters needs a teacher: drop --teacher none")
+    if len(teacher.layers) != target.num_layers:
+        raise EchoError(f"--layerwise-iters needs a teacher with the student's {target.num_layers} layers (it has {len(teacher.layers)})")
+    # Scales from the first training batch in corpus order: the same on every rank and on resume.
+    batch, _ = next(batches(train, args.batch_size, args.max_seq_length, shuffle=False))
+    scales = layer_scales(teacher, batch[:, :-1], changed_layers(target.kv_sources))
+    return make_layerwise_loss(teacher, target.kv_sources, scales)
 
 
 class _Stop(Exception):

@@ -1,6 +1,7 @@
 """The loss curve of a finetune run: ``ADAPTER_PATH/loss.png`` from ``metrics.jsonl``.
 
-Training loss (the optimised loss: KD and/or CE) and validation
+Training loss (the optimised loss: KD and/or CE; layer-wise steps on their
+own line, their loss is a relative error) and validation
 cross-entropy against training tokens, with the teacher's validation
 cross-entropy as the line to reach. Progressive stages are shaded.
 """
@@ -31,8 +32,14 @@ def plot_run(run_dir, out=None) -> Path:
     # Validation records carry the step; map it to tokens through the training records.
     tokens_at = {r["step"]: r["tokens"] for r in train}
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot([r["tokens"] for r in train], [r["train_loss"] for r in train], label="train loss", color="tab:blue", alpha=0.7)
+    # Layer-wise steps optimise a relative hidden-state error, not nats: a separate line.
+    layerwise = [r for r in train if r.get("kind") == "layerwise"]
+    end_to_end = [r for r in train if r.get("kind") != "layerwise"]
+    if end_to_end:
+        ax.plot([r["tokens"] for r in end_to_end], [r["train_loss"] for r in end_to_end], label="train loss", color="tab:blue", alpha=0.7)
+    if layerwise:
+        ax.plot([r["tokens"] for r in layerwise], [r["train_loss"] for r in layerwise], ":", color="tab:green",
+                label="layer-wise loss (relative error)")
     if val:
         xs = [tokens_at.get(r["step"], 0) for r in val]
         ax.plot(xs, [r["val_loss"] for r in val], "o-", label="validation cross-entropy", color="tab:orange")

@@ -34,6 +34,8 @@ class Stage:
     first_step: int  # 1-based, inclusive
     last_step: int  # inclusive
     trainable_from: int  # layers >= this one train; the rest are frozen
+    kind: str = "kd"  # "kd": end-to-end loss; "layerwise": echo_mlx.layerwise
+
 
     @property
     def steps(self) -> int:
@@ -95,10 +97,22 @@ def build_stages(
     stages: Optional[int] = None,
     layers_per_stage: Optional[int] = None,
     num_layers: Optional[int] = None,
+    layerwise_iters: int = 0,
 ) -> List[Stage]:
-    """The run's stages; ``iters`` steps are split evenly (the last stage takes the rest)."""
+    """The run's stages; ``iters`` steps are split evenly (the last stage takes the rest).
+    ``layerwise_iters`` > 0 (direct only) opens with that many layer-wise steps on the target plan."""
     if schedule not in SCHEDULES:
         raise EchoError(f"unknown --schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if layerwise_iters:
+        if schedule != "direct":
+            raise EchoError("--layerwise-iters replaces the progressive schedule's layer-by-layer walk: use --schedule direct")
+        if not 0 < layerwise_iters < iters:
+            raise EchoError(f"--layerwise-iters {layerwise_iters} must be between 1 and --iters - 1 ({iters - 1})")
+        if not target.consumers:
+            raise EchoError("plan 'none' shares nothing: there is nothing to distil layer by layer, pass --plan")
+        kd = build_stages(target, iters - layerwise_iters, num_layers=num_layers)[0]
+        return [Stage(target, 1, layerwise_iters, kd.trainable_from, "layerwise"),
+                Stage(target, layerwise_iters + 1, iters, kd.trainable_from)]
     if schedule == "direct":
         plans = [target]
     else:
