@@ -98,6 +98,9 @@ def info(model: Optional[str] = typer.Option(None, help="Also describe this echo
     metal = mx.metal.is_available() if hasattr(mx, "metal") else False
     typer.echo(f"device: {mx.default_device()} (Metal {'available' if metal else 'not available'})")
     typer.echo(f"BLAS: {blas.status()}")
+    from .kernels import dispatch
+
+    typer.echo(f"attention: {dispatch.describe()}")
     try:
         typer.echo(f"default model: {default_model_path()}")
     except EchoError as e:
@@ -180,8 +183,10 @@ def generate(
     import mlx.core as mx
 
     from . import generate as gen
+    from .kernels import dispatch
 
     gen.check_options(kv_bits, kv_group_size, max_kv_size)
+    dispatch.check()  # a forced ECHO_MLX_ATTENTION=kernel without Metal fails before the model loads
     if seed is not None:
         mx.random.seed(seed)
     model_, tokenizer = _load_model(model, plan, adapter_path)
@@ -201,6 +206,7 @@ def generate(
             typer.echo(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
             typer.echo(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec")
             typer.echo(f"Peak memory: {stats.peak_memory:.3f} GB")
+            typer.echo(f"Attention: {dispatch.summary()}")
         return
 
     if prompt_cache_file is not None:

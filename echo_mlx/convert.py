@@ -75,6 +75,7 @@ def build_model(config: dict, weights: dict) -> Model:
     except ValueError as e:
         raise EchoError(f"source weights do not fit the model ({e}): is it a LLaMA checkpoint?")
     mx.eval(model.parameters())
+    model.eval()  # inference mode, as mlx-lm's load_model leaves models (finetune calls train())
     return model
 
 

@@ -25,6 +25,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .checkpoint import kv_cache_bytes
 from .errors import EchoError
+from .kernels import dispatch
 
 DEFAULT_QUANTIZED_KV_START = 5000
 KEEP_TOKENS = 4  # like mlx-lm: a rotating cache keeps the first tokens (attention sinks)
@@ -150,6 +151,7 @@ class Stats:
     unshared_kv_bytes: int = 0
     producers: int = 0
     layers: int = 0
+    attention: str = ""  # which attention ran (echo's decode kernel or ops) and why
 
     def lines(self) -> Iterable[str]:
         yield "=" * 10
@@ -162,6 +164,8 @@ class Stats:
             f"{self.layers} layers; the unshared model would hold {self.unshared_kv_bytes / 2**20:.2f} MiB "
             f"({saving:.2f}x)"
         )
+        if self.attention:
+            yield f"Attention: {self.attention}"
 
 
 def stream(
@@ -179,6 +183,7 @@ def stream(
 ):
     """Yield text segments; the last value yielded is the Stats."""
     last = None
+    dispatch.reset_usage()
     for last in stream_generate(
         model,
         tokenizer,
@@ -203,6 +208,7 @@ def stream(
             unshared_kv_bytes(model, cache),
             len(cache),
             len(model.layers),
+            dispatch.summary(),
         )
 
 
@@ -229,6 +235,7 @@ def generate_batch(model, tokenizer, prompts: List[List[int]], *, max_tokens: in
             "run top/middle-target plans one prompt at a time (without --prompts-file)"
         )
     caches = [make_prompt_cache(model, max_kv_size) for _ in prompts]
+    dispatch.reset_usage()
     response = batch_generate(
         model,
         tokenizer,

@@ -16,9 +16,10 @@ gradient, then ``backward_passes`` with it, each pass reading the K/V the
 previous one wrote (zeros at first). After p passes the first p positions are
 exact, so a block needs only ``min(tokens, passes)`` of them.
 
-This file only imports mlx and mlx_lm: ``echo-mlx convert`` copies it into
-every checkpoint as the ``model_file`` that stock ``mlx_lm.load(...,
-trust_remote_code=True)`` imports.
+This file only imports mlx and mlx_lm (and echo_mlx's decode kernels when
+echo-mlx is installed): ``echo-mlx convert`` copies it into every checkpoint
+as the ``model_file`` that stock ``mlx_lm.load(..., trust_remote_code=True)``
+imports.
 """
 
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from mlx_lm.models.base import (
 )
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import initialize_rope
+
+try:  # Metal decode kernels for cached steps; see echo_mlx/kernels/dispatch.py
+    from echo_mlx.kernels.dispatch import decode_attention
+except ImportError:  # this file running from a checkpoint without echo-mlx
+    decode_attention = None
 
 
 @dataclass
@@ -134,9 +140,15 @@ class Attention(nn.Module):
             kv[self.layer_idx] = (keys, values, cache)
 
         keys, values, source_cache = kv[self.kv_source]
-        if self.kv_source > self.layer_idx:
+        earlier_only = self.kv_source > self.layer_idx
+        output = None
+        if decode_attention is not None:  # echo's Metal kernel, or None: the ops below
+            output = decode_attention(
+                queries, keys, values, source_cache, self.scale, mask, earlier_only, self.training
+            )
+        if output is None and earlier_only:
             output = self._attend_to_earlier_tokens(queries, keys, values, source_cache, offset)
-        else:
+        elif output is None:
             output = scaled_dot_product_attention(
                 queries, keys, values, cache=source_cache, scale=self.scale, mask=mask
             )

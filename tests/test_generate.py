@@ -83,6 +83,7 @@ def test_generate_cli_streams_and_reports_kv_bytes(tiny_ckpt):
     stats = result.stdout.split("=" * 10)[-1]
     assert "Generation: 8 tokens" in stats or "Generation:" in stats
     assert "in 1 producer caches for 2 layers" in stats and "(2.00x)" in stats
+    assert "Attention: ops for " in stats  # head dim 16: below the decode kernels' 32, and no Metal here
 
 
 def test_prompt_cache_round_trips_in_a_new_process(tiny_ckpt, tmp_path):
