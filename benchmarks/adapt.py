@@ -45,13 +45,14 @@ def main():
     parser.add_argument("--kd-alpha", type=float, default=1.0)
     parser.add_argument("--kv-init", default="own")
     parser.add_argument("--layerwise-iters", type=int, default=0)
+    parser.add_argument("--layerwise-learning-rate", type=float, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = args.out or f"runs/{args.plan.replace(':', '')}-{args.schedule}"
 
     print(f"model {args.model}, plan {args.plan}, schedule {args.schedule} (stages {args.stages}), "
           f"{args.fine_tune_type}, {args.iters} steps of {args.batch_size} x {args.window}, lr {args.learning_rate}, "
-          f"KD alpha {args.kd_alpha}, kv-init {args.kv_init}, layer-wise steps {args.layerwise_iters}")
+          f"KD alpha {args.kd_alpha}, kv-init {args.kv_init}, layer-wise steps {args.layerwise_iters} (lr {args.layerwise_learning_rate or args.learning_rate})")
     print(f"mlx {mx.__version__}, {platform.machine()}, BLAS: {blas.status()}, float32")
     original, tokenizer = load(args.model, plan="none")
     windows = heldout_windows(builtin_tokens(tokenizer))
@@ -64,7 +65,7 @@ def main():
     tic, cpu = time.perf_counter(), time.process_time()
     result = finetune(FinetuneArgs(
         model=args.model, plan=args.plan, schedule=args.schedule, stages=args.stages,
-        kv_init=args.kv_init, layerwise_iters=args.layerwise_iters,
+        kv_init=args.kv_init, layerwise_iters=args.layerwise_iters, layerwise_learning_rate=args.layerwise_learning_rate,
         fine_tune_type=args.fine_tune_type, iters=args.iters, batch_size=args.batch_size,
         max_seq_length=args.window, learning_rate=args.learning_rate, kd_alpha=args.kd_alpha,
         steps_per_report=5, steps_per_eval=max(args.iters // 8, 1), val_batches=4, save_every=10, adapter_path=out,

@@ -286,6 +286,7 @@ def finetune(
     stages: Optional[int] = typer.Option(None, help="Progressive: number of stages."),
     layers_per_stage: Optional[int] = typer.Option(None, help="Progressive: boundary step per stage (default 1)."),
     layerwise_iters: Optional[int] = typer.Option(None, help="First N steps: each changed layer matches the teacher layer's output (then KD)."),
+    layerwise_learning_rate: Optional[float] = typer.Option(None, help="Learning rate of the layer-wise steps (default: --learning-rate)."),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(False, help="Continue the run in --adapter-path from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML file with any of these settings (mlx-lm's lora config keys)."),

@@ -73,6 +73,8 @@ class FinetuneArgs:
     stages: Optional[int] = None
     layers_per_stage: Optional[int] = None
     layerwise_iters: int = 0  # direct: open with layer-wise distillation (echo_mlx.layerwise)
+    # Matching one layer's output tolerates a larger step than end-to-end KD does.
+    layerwise_learning_rate: Optional[float] = None  # default: --learning-rate
     val_batches: int = 8
     steps_per_report: int = 10
     steps_per_eval: int = 100
@@ -250,11 +252,13 @@ class Progress:
             self.bar.stop()
 
 
-def _optimizer(args: FinetuneArgs):
+def _optimizer(args: FinetuneArgs, kind: str = "kd"):
     from mlx_lm.tuner.utils import build_schedule
 
     if args.optimizer not in OPTIMIZERS:
         raise EchoError(f"unknown optimizer {args.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if kind == "layerwise" and args.layerwise_learning_rate is not None:
+        return OPTIMIZERS[args.optimizer](learning_rate=args.layerwise_learning_rate, **args.optimizer_config)
     lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
     return OPTIMIZERS[args.optimizer](learning_rate=lr, **args.optimizer_config)
 
@@ -355,7 +359,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                 from mlx_lm.tuner.trainer import grad_checkpoint
 
                 grad_checkpoint(student.layers[0])
-            optimizer = _optimizer(args)
+            optimizer = _optimizer(args, stage.kind)
             if state is not None and stage_at(stages, state.step) == k and state.step >= stage.first_step:
                 optimizer.state = state.optimizer
             state = None
@@ -364,7 +368,9 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                 args.fine_tune_type, stage.trainable_from, args.lora_parameters,
                 plan=str(stage.plan), fingerprint=fingerprint, model=models.model_name,
             )
-            final_stage = k == len(stages) - 1
+            # Best-by-validation adapters come from stages that train the target plan itself
+            # (the last one; with --layerwise-iters also the layer-wise phase).
+            on_target = stage.plan.kv_sources == models.target.kv_sources and stage.plan.sliding == models.target.sliding
             label = f"stage {k + 1}/{len(stages)}" if len(stages) > 1 else "finetune"
             label += " (layer-wise)" if stage.kind == "layerwise" else ""
             student.train()
@@ -415,7 +421,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     student.train()
                     metrics.write(step=step, stage=k, val_loss=val, teacher_val_loss=teacher_val)
                     bar.print(f"step {step:>5}  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
-                    if final_stage and main and (best is None or val < best["val_loss"]):
+                    if on_target and main and (best is None or val < best["val_loss"]):
                         best = {"step": step, "val_loss": val}
                         adapters.save(run_dir, student, config_for_adapters)
                         best_file.write_text(json.dumps(best))

@@ -110,9 +110,14 @@ def test_finetune_opens_with_layerwise_steps_then_kd(source, tmp_path, plan):
     # pizza-top reads K/V from above: teacher forcing needs no iterative passes.
     run_dir = tmp_path / "run"
     result = finetune(FinetuneArgs(model=source, plan=plan, kv_init="mean", fine_tune_type="full", iters=10,
-                                   layerwise_iters=6, adapter_path=str(run_dir), **dict(QUICK, learning_rate=3e-3)))
+                                   layerwise_iters=6, layerwise_learning_rate=2e-3, adapter_path=str(run_dir), **QUICK))
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records if "train_loss" in r] == ["layerwise"] * 6 + ["kd"] * 4
+    assert {round(r["learning_rate"], 6) for r in records if r.get("kind") == "layerwise"} == {2e-3}
+    assert {round(r["learning_rate"], 6) for r in records if r.get("kind") == "kd"} == {1e-3}
+    # Both phases train the target plan: the best validation of either is kept.
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert json.loads((run_dir / "best.json").read_text())["val_loss"] == min(val) == result.best_val_loss
     assert result.best_val_loss is not None and (run_dir / "loss.png").exists()
     assert (run_dir / "adapters.safetensors").exists()
 
