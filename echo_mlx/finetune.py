@@ -419,7 +419,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     student.eval()
                     val = evaluate(student, ce_loss, valid, args, rank, size)
                     student.train()
-                    metrics.write(step=step, stage=k, val_loss=val, teacher_val_loss=teacher_val)
+                    metrics.write(step=step, stage=k, val_loss=val, teacher_val_loss=teacher_val, tokens=tokens_seen)
                     bar.print(f"step {step:>5}  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
                     if on_target and main and (best is None or val < best["val_loss"]):
                         best = {"step": step, "val_loss": val}

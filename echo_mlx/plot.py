@@ -29,8 +29,11 @@ def plot_run(run_dir, out=None) -> Path:
     train = [r for r in records if "train_loss" in r]
     val = [r for r in records if "val_loss" in r]
     teacher = next((r["teacher_val_loss"] for r in records if r.get("teacher_val_loss") is not None), None)
-    # Validation records carry the step; map it to tokens through the training records.
-    tokens_at = {r["step"]: r["tokens"] for r in train}
+    # Validation records carry their tokens; older runs only the step: interpolate.
+    import numpy as np
+
+    tokens_at = lambda r: r["tokens"] if "tokens" in r else float(
+        np.interp(r["step"], [0] + [t["step"] for t in train], [0] + [t["tokens"] for t in train]))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     # Layer-wise steps optimise a relative hidden-state error, not nats: a separate line.
     layerwise = [r for r in train if r.get("kind") == "layerwise"]
@@ -41,7 +44,7 @@ def plot_run(run_dir, out=None) -> Path:
         ax.plot([r["tokens"] for r in layerwise], [r["train_loss"] for r in layerwise], ":", color="tab:green",
                 label="layer-wise loss (relative error)")
     if val:
-        xs = [tokens_at.get(r["step"], 0) for r in val]
+        xs = [tokens_at(r) for r in val]
         ax.plot(xs, [r["val_loss"] for r in val], "o-", label="validation cross-entropy", color="tab:orange")
     if teacher is not None:
         ax.axhline(teacher, ls="--", color="gray", label=f"teacher validation cross-entropy ({teacher:.3f})")
@@ -52,6 +55,8 @@ def plot_run(run_dir, out=None) -> Path:
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_yscale("log")
+    # Cross-entropy in nats is log-perplexity: the right axis reads it as perplexity.
+    ax.secondary_yaxis("right", functions=(lambda x: np.exp(np.minimum(x, 700)), lambda p: np.log(np.maximum(p, 1e-12)))).set_ylabel("perplexity (validation)")
     ax.set_title(f"echo-mlx finetune: {Path(run_dir).name}")
     ax.legend()
     fig.tight_layout()
