@@ -31,3 +31,13 @@ def smollm2():
     from echo_mlx.sources import load_source
 
     return load_source("default")
+
+
+@pytest.fixture(scope="session")
+def six_layer_source(tmp_path_factory):
+    """A float32 HF directory of a random 6-layer llama (the finetune tests' model)."""
+    from fixtures import SIX, write_hf_dir
+
+    path = tmp_path_factory.mktemp("src") / "llama"
+    write_hf_dir(path, dtype="float32", config=SIX)
+    return str(path)

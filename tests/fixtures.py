@@ -336,3 +336,8 @@ def reference_dequantize(x, qtype):
     if qtype == "F16":
         return x.astype(np.float16).astype(np.float32)
     return gguf.quants.dequantize(gguf.quants.quantize(x, t), t).astype(np.float32)
+
+
+# Finetune tests: a 6-layer llama and settings that keep a run to seconds.
+SIX = dict(CONFIG, num_hidden_layers=6)
+QUICK = dict(batch_size=2, max_seq_length=64, steps_per_report=1, steps_per_eval=3, save_every=2, learning_rate=1e-3)

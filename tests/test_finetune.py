@@ -18,21 +18,12 @@ from echo_mlx.cli import main
 from echo_mlx.errors import EchoError
 from echo_mlx.finetune import FinetuneArgs, finetune
 
-from fixtures import CONFIG, write_hf_dir
-
-SIX = dict(CONFIG, num_hidden_layers=6)
-QUICK = dict(batch_size=2, max_seq_length=64, steps_per_report=1, steps_per_eval=3, save_every=2, learning_rate=1e-3)
+from fixtures import QUICK, SIX, write_hf_dir
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "llama"
-    write_hf_dir(path, dtype="float32", config=SIX)
-    return str(path)
 
-
-def run(source, adapter_path, **kw):
-    return finetune(FinetuneArgs(model=source, adapter_path=str(adapter_path), **dict(QUICK, **kw)))
+def run(six_layer_source, adapter_path, **kw):
+    return finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(adapter_path), **dict(QUICK, **kw)))
 
 
 def losses(run_dir):
@@ -49,8 +40,8 @@ def cli(*argv):
     return 0
 
 
-def test_adaptation_lowers_the_distillation_loss_and_writes_a_run(source, tmp_path):
-    result = run(source, tmp_path / "run", plan="cla:2", iters=12)
+def test_adaptation_lowers_the_distillation_loss_and_writes_a_run(six_layer_source, tmp_path):
+    result = run(six_layer_source, tmp_path / "run", plan="cla:2", iters=12)
     curve = losses(tmp_path / "run")
     assert len(curve) == 12 and np.mean(curve[-3:]) < 0.8 * np.mean(curve[:3])
     for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png", "best.json", "state"):
@@ -58,16 +49,16 @@ def test_adaptation_lowers_the_distillation_loss_and_writes_a_run(source, tmp_pa
     assert result.best_val_loss is not None and result.teacher_val_loss is not None
 
 
-def test_frozen_layers_get_no_gradient_and_stay_unchanged(source, tmp_path):
+def test_frozen_layers_get_no_gradient_and_stay_unchanged(six_layer_source, tmp_path):
     from echo_mlx.convert import shared_model
     from echo_mlx.plans import SharingPlan
     from echo_mlx.sources import load_source
 
     # echo:4 changes layers 3 (now read by 4, 5), 4 and 5: layers 0-2 and the embeddings stay frozen.
-    run(source, tmp_path / "run", plan="echo:4", fine_tune_type="full", iters=4, steps_per_eval=100)
+    run(six_layer_source, tmp_path / "run", plan="echo:4", fine_tune_type="full", iters=4, steps_per_eval=100)
     trained = dict(mx.load(str(tmp_path / "run" / "adapters.safetensors")))
     assert trained and all(int(k.split(".")[2]) >= 3 for k in trained)
-    src = load_source(source)
+    src = load_source(six_layer_source)
     base, _ = shared_model(src.config, src.weights, SharingPlan.parse("echo:4", 6))
     base_weights = dict(tree_flatten(base.parameters()))
     assert any(not mx.array_equal(v, base_weights[k]).item() for k, v in trained.items())
@@ -83,28 +74,28 @@ def test_frozen_layers_get_no_gradient_and_stay_unchanged(source, tmp_path):
     assert grads and all(k.startswith("model.layers.") and int(k.split(".")[2]) >= 3 for k in grads)
 
 
-def test_resume_after_an_interruption_matches_the_uninterrupted_run(source, tmp_path):
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(six_layer_source, tmp_path):
     kw = dict(plan="yoco", iters=8, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.1})
-    run(source, tmp_path / "straight", **kw)
-    finetune(FinetuneArgs(model=source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **kw)), stop_after=5)
-    run(source, tmp_path / "stopped", **kw, resume=True)
+    run(six_layer_source, tmp_path / "straight", **kw)
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **kw)), stop_after=5)
+    run(six_layer_source, tmp_path / "stopped", **kw, resume=True)
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # bit-identical, dropout included
 
 
-def test_progressive_resume_across_a_stage_boundary(source, tmp_path):
+def test_progressive_resume_across_a_stage_boundary(six_layer_source, tmp_path):
     kw = dict(plan="yoco", iters=9, schedule="progressive")  # stages: echo:5, echo:4, yoco
-    run(source, tmp_path / "straight", **kw)
+    run(six_layer_source, tmp_path / "straight", **kw)
     records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert sorted({r["stage"] for r in records if "stage" in r}) == [0, 1, 2]
-    finetune(FinetuneArgs(model=source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **kw)), stop_after=6)
-    run(source, tmp_path / "stopped", **kw, resume=True)
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **kw)), stop_after=6)
+    run(six_layer_source, tmp_path / "stopped", **kw, resume=True)
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
     config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
     assert config["echo"]["plan"] == "0_1_2_2_2_2"  # the adapters are for the target plan
 
 
-def test_kill_9_mid_run_then_resume_reproduces_the_loss_sequence(source, tmp_path):
-    args = ["finetune", "--model", source, "--plan", "cla:2", "--batch-size", "2", "--max-seq-length", "64",
+def test_kill_9_mid_run_then_resume_reproduces_the_loss_sequence(six_layer_source, tmp_path):
+    args = ["finetune", "--model", six_layer_source, "--plan", "cla:2", "--batch-size", "2", "--max-seq-length", "64",
             "--steps-per-report", "1", "--steps-per-eval", "1000", "--save-every", "3", "--learning-rate", "1e-3"]
     reference = tmp_path / "reference"
     assert cli(*args, "--iters", "9", "--adapter-path", str(reference)) == 0
@@ -123,10 +114,10 @@ def test_kill_9_mid_run_then_resume_reproduces_the_loss_sequence(source, tmp_pat
     assert losses(killed) == losses(reference)
 
 
-def test_ctrl_c_saves_a_checkpoint_before_exiting(source, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_before_exiting(six_layer_source, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "echo_mlx", "finetune", "--model", source, "--plan", "cla:2", "--batch-size", "2",
+        [sys.executable, "-m", "echo_mlx", "finetune", "--model", six_layer_source, "--plan", "cla:2", "--batch-size", "2",
          "--max-seq-length", "64", "--iters", "100000", "--save-every", "100000", "--steps-per-eval", "100000",
          "--steps-per-report", "1", "--adapter-path", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -140,9 +131,9 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(source, tmp_path):
     assert json.loads((out / "state" / "state.json").read_text())["step"] >= 2
 
 
-def test_nan_loss_stops_with_the_last_checkpoint_intact(source, tmp_path, capsys):
+def test_nan_loss_stops_with_the_last_checkpoint_intact(six_layer_source, tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli("finetune", "--model", source, "--plan", "cla:2", "--batch-size", "2", "--max-seq-length", "64",
+    code = cli("finetune", "--model", six_layer_source, "--plan", "cla:2", "--batch-size", "2", "--max-seq-length", "64",
                "--iters", "6", "--save-every", "1", "--optimizer", "sgd", "--learning-rate", "1e30",
                "--adapter-path", str(out))
     err = capsys.readouterr().err
@@ -154,9 +145,9 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(source, tmp_path, capsys
     assert all(np.isfinite(np.array(v)).all() for v in load_state(out / "state").weights.values())
 
 
-def test_resume_refuses_changed_settings_and_corruption(source, tmp_path, capsys):
+def test_resume_refuses_changed_settings_and_corruption(six_layer_source, tmp_path, capsys):
     out = str(tmp_path / "run")
-    base = ["finetune", "--model", source, "--plan", "cla:2", "--batch-size", "2", "--max-seq-length", "64",
+    base = ["finetune", "--model", six_layer_source, "--plan", "cla:2", "--batch-size", "2", "--max-seq-length", "64",
             "--iters", "2", "--adapter-path", out]
     assert cli(*base) == 0
     capsys.readouterr()
@@ -169,38 +160,38 @@ def test_resume_refuses_changed_settings_and_corruption(source, tmp_path, capsys
     assert cli(*base, "--resume") == 2 and "corrupt" in capsys.readouterr().err
 
 
-def test_teacher_with_another_vocabulary_is_refused(source, tmp_path):
+def test_teacher_with_another_vocabulary_is_refused(six_layer_source, tmp_path):
     other = tmp_path / "other"
     write_hf_dir(other, dtype="float32", config=SIX, tokenizer="spm")
     with pytest.raises(EchoError, match="another vocabulary"):
-        run(source, tmp_path / "run", plan="cla:2", iters=2, teacher=str(other))
+        run(six_layer_source, tmp_path / "run", plan="cla:2", iters=2, teacher=str(other))
 
 
-def test_jsonl_data_with_prompt_masking(source, tmp_path):
+def test_jsonl_data_with_prompt_masking(six_layer_source, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in range(8)]
     for name in ("train", "valid"):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run(source, tmp_path / "run", plan="cla:2", iters=3, data=str(data), mask_prompt=True)
+    result = run(six_layer_source, tmp_path / "run", plan="cla:2", iters=3, data=str(data), mask_prompt=True)
     assert result.steps == 3 and result.best_val_loss is not None
 
 
-def test_adapters_refuse_another_plan_and_fuse_into_a_checkpoint(source, tmp_path, capsys):
+def test_adapters_refuse_another_plan_and_fuse_into_a_checkpoint(six_layer_source, tmp_path, capsys):
     import mlx_lm
 
     from echo_mlx import adapters
     from echo_mlx.api import load
 
-    run(source, tmp_path / "run", plan="cla:2", iters=3)
-    assert cli("generate", "--model", source, "--plan", "cla:3", "--adapter-path", str(tmp_path / "run"),
+    run(six_layer_source, tmp_path / "run", plan="cla:2", iters=3)
+    assert cli("generate", "--model", six_layer_source, "--plan", "cla:3", "--adapter-path", str(tmp_path / "run"),
                "--prompt", "hi", "--max-tokens", "2") == 2
     err = capsys.readouterr().err
     assert "trained for plan" in err and len(err.strip().splitlines()) == 1
 
-    assert cli("fuse", "--model", source, "--plan", "cla:2", "--adapter-path", str(tmp_path / "run"),
+    assert cli("fuse", "--model", six_layer_source, "--plan", "cla:2", "--adapter-path", str(tmp_path / "run"),
                "--out", str(tmp_path / "fused")) == 0
-    with_adapters, _ = load(source, plan="cla:2")
+    with_adapters, _ = load(six_layer_source, plan="cla:2")
     adapters.apply(with_adapters, tmp_path / "run")
     fused, _ = load(str(tmp_path / "fused"))
     stock, _ = mlx_lm.load(str(tmp_path / "fused"), trust_remote_code=True)
@@ -211,17 +202,17 @@ def test_adapters_refuse_another_plan_and_fuse_into_a_checkpoint(source, tmp_pat
     assert checkpoint.load_config(tmp_path / "fused")["echo"]["adapters"].endswith("run")
 
 
-def test_plot_command_redraws_the_curve(source, tmp_path):
-    run(source, tmp_path / "run", plan="cla:2", iters=2)
+def test_plot_command_redraws_the_curve(six_layer_source, tmp_path):
+    run(six_layer_source, tmp_path / "run", plan="cla:2", iters=2)
     (tmp_path / "run" / "loss.png").unlink()
     assert cli("plot", str(tmp_path / "run")) == 0
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_yaml_config_sets_mlx_lm_style_keys(source, tmp_path):
+def test_yaml_config_sets_mlx_lm_style_keys(six_layer_source, tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        f"model: {source}\nplan: cla:2\nfine_tune_type: dora\niters: 2\nbatch_size: 2\nmax_seq_length: 64\n"
+        f"model: {six_layer_source}\nplan: cla:2\nfine_tune_type: dora\niters: 2\nbatch_size: 2\nmax_seq_length: 64\n"
         "lora_parameters: {rank: 2, scale: 4.0, dropout: 0.0}\n"
     )
     assert cli("finetune", "-c", str(config), "--adapter-path", str(tmp_path / "run")) == 0
@@ -232,11 +223,11 @@ def test_yaml_config_sets_mlx_lm_style_keys(source, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux" and sys.platform != "darwin", reason="ring backend over TCP")
-def test_two_ring_ranks_equal_one_process(source, tmp_path):
+def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(
         "import sys\nimport echo_mlx\nfrom echo_mlx.finetune import FinetuneArgs, finetune\n"
-        f"finetune(FinetuneArgs(model={source!r}, plan='cla:2', iters=3, batch_size=4, max_seq_length=64, "
+        f"finetune(FinetuneArgs(model={six_layer_source!r}, plan='cla:2', iters=3, batch_size=4, max_seq_length=64, "
         "steps_per_report=1, steps_per_eval=3, learning_rate=1e-3, adapter_path=sys.argv[1]))\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -17,21 +17,12 @@ from echo_mlx.plans import SharingPlan
 from echo_mlx.schedule import build_stages
 from echo_mlx.sources import load_source
 
-from fixtures import CONFIG, write_hf_dir
-
-SIX = dict(CONFIG, num_hidden_layers=6)
-QUICK = dict(batch_size=2, max_seq_length=64, steps_per_report=1, steps_per_eval=3, save_every=2, learning_rate=1e-3)
+from fixtures import QUICK
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "llama"
-    write_hf_dir(path, dtype="float32", config=SIX)
-    return str(path)
 
-
-def models(source, plan, kv_init="own"):
-    src = load_source(source)
+def models(six_layer_source, plan, kv_init="own"):
+    src = load_source(six_layer_source)
     teacher, _ = shared_model(src.config, src.weights, SharingPlan.parse("none", 6))
     teacher.freeze()
     student, _ = shared_model(src.config, src.weights, SharingPlan.parse(plan, 6), kv_init=kv_init)
@@ -50,18 +41,18 @@ def test_changed_layers_are_consumers_and_the_producers_they_read():
     assert changed_layers(SharingPlan.parse("none", 6).kv_sources) == []
 
 
-def test_teacher_states_end_in_the_teachers_final_hidden_state(source):
-    teacher, _ = models(source, "none")
+def test_teacher_states_end_in_the_teachers_final_hidden_state(six_layer_source):
+    teacher, _ = models(six_layer_source, "none")
     tokens, _ = batch()
     states = teacher_states(teacher, tokens)
     assert len(states) == 7
     assert mx.allclose(teacher.model.norm(states[-1]), teacher.model(tokens), atol=1e-5)
 
 
-def test_loss_is_the_mean_relative_error_of_the_changed_layers(source):
+def test_loss_is_the_mean_relative_error_of_the_changed_layers(six_layer_source):
     # echo:4 with own K/V: producer 3 keeps its weights and its output, so its term is 0;
     # consumers 4 and 5 get the teacher's h_4/h_5 and the producer's K/V of h_3.
-    teacher, student = models(source, "echo:4")
+    teacher, student = models(six_layer_source, "echo:4")
     tokens, lengths = batch()
     kv_sources = student.args.kv_sources
     scales = layer_scales(teacher, tokens[:, :-1], changed_layers(kv_sources))
@@ -80,8 +71,8 @@ def test_loss_is_the_mean_relative_error_of_the_changed_layers(source):
     assert total.item() > 0 and abs(total.item() - expected.item()) < 1e-4 * expected.item()
 
 
-def test_gradients_reach_only_the_changed_layers(source):
-    teacher, student = models(source, "echo:4")
+def test_gradients_reach_only_the_changed_layers(six_layer_source):
+    teacher, student = models(six_layer_source, "echo:4")
     adapters.make_trainable(student, "full", 2, {})  # layer 2 trains but is not in the loss
     tokens, lengths = batch()
     kv_sources = student.args.kv_sources
@@ -106,10 +97,10 @@ def test_schedule_opens_with_layerwise_steps_and_refuses_bad_combinations():
 
 
 @pytest.mark.parametrize("plan", ["cla:2", "pizza-top:2"])
-def test_finetune_opens_with_layerwise_steps_then_kd(source, tmp_path, plan):
+def test_finetune_opens_with_layerwise_steps_then_kd(six_layer_source, tmp_path, plan):
     # pizza-top reads K/V from above: teacher forcing needs no iterative passes.
     run_dir = tmp_path / "run"
-    result = finetune(FinetuneArgs(model=source, plan=plan, kv_init="mean", fine_tune_type="full", iters=10,
+    result = finetune(FinetuneArgs(model=six_layer_source, plan=plan, kv_init="mean", fine_tune_type="full", iters=10,
                                    layerwise_iters=6, layerwise_learning_rate=2e-3, adapter_path=str(run_dir), **QUICK))
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records if "train_loss" in r] == ["layerwise"] * 6 + ["kd"] * 4
@@ -123,10 +114,10 @@ def test_finetune_opens_with_layerwise_steps_then_kd(source, tmp_path, plan):
 
 
 @pytest.mark.parametrize("plan", ["cla:2", "pizza-top:2"])
-def test_layerwise_steps_fit_the_teachers_layers(source, plan):
+def test_layerwise_steps_fit_the_teachers_layers(six_layer_source, plan):
     import mlx.optimizers as optim
 
-    teacher, student = models(source, plan, kv_init="mean")
+    teacher, student = models(six_layer_source, plan, kv_init="mean")
     kv_sources = student.args.kv_sources
     adapters.make_trainable(student, "full", 0, {})
     tokens, lengths = batch()
@@ -140,16 +131,16 @@ def test_layerwise_steps_fit_the_teachers_layers(source, plan):
     assert total.item() < 0.5 * first
 
 
-def test_resume_across_the_layerwise_boundary_matches(source, tmp_path):
+def test_resume_across_the_layerwise_boundary_matches(six_layer_source, tmp_path):
     kw = dict(plan="cla:2", iters=8, layerwise_iters=4, fine_tune_type="full")
-    finetune(FinetuneArgs(model=source, adapter_path=str(tmp_path / "a"), **QUICK, **kw))
-    finetune(FinetuneArgs(model=source, adapter_path=str(tmp_path / "b"), **QUICK, **kw), stop_after=3)
-    finetune(FinetuneArgs(model=source, adapter_path=str(tmp_path / "b"), resume=True, **QUICK, **kw))
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "a"), **QUICK, **kw))
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "b"), **QUICK, **kw), stop_after=3)
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "b"), resume=True, **QUICK, **kw))
     curve = lambda d: [json.loads(l).get("train_loss") for l in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     assert curve(tmp_path / "a") == curve(tmp_path / "b")
 
 
-def test_layerwise_needs_a_teacher(source, tmp_path):
+def test_layerwise_needs_a_teacher(six_layer_source, tmp_path):
     with pytest.raises(EchoError, match="needs a teacher"):
-        finetune(FinetuneArgs(model=source, plan="cla:2", teacher="none", kd_alpha=0.0, iters=4, layerwise_iters=2,
+        finetune(FinetuneArgs(model=six_layer_source, plan="cla:2", teacher="none", kd_alpha=0.0, iters=4, layerwise_iters=2,
                               adapter_path=str(tmp_path / "run"), **QUICK))
