@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import EchoError
+from .plans import plan_id
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 CONFIG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
@@ -93,7 +94,7 @@ def apply(model: nn.Module, path, model_name: str = "the model") -> nn.Module:
 
     config = read_config(path)
     echo = config.get("echo", {})
-    plan = "_".join(map(str, model.args.kv_sources))
+    plan = plan_id(model.args)
     if echo.get("plan") not in (None, plan):
         raise EchoError(
             f"adapters in {path} were trained for plan {echo['plan']}, but {model_name} has plan {plan}: "

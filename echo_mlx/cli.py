@@ -73,6 +73,8 @@ def plans(
     for text in examples:
         resolved = SharingPlan.parse(text, num_layers)
         iterated = " (iterative: targets above consumers)" if resolved.cyclic_blocks else ""
+        if resolved.attention_consumers:
+            iterated += f" (EchoAtt: {len(resolved.attention_consumers)} layers cache V only)"
         typer.echo(f"{text:<20} {len(resolved.producers):>3} K/V layers  {resolved.kv_reduction:5.2f}x  {resolved}{iterated}")
 
 

@@ -3,7 +3,9 @@
 Every weight is copied; consumer layers drop their k/v projections; each
 producer's W_K/W_V (and biases) are either its own (``--kv-init own``) or the
 mean over the layers that will attend to it (``--kv-init mean``, the MLKV /
-cross-layer-study initialisation; no head alignment).
+cross-layer-study initialisation; no head alignment). EchoAtt layers drop
+their q/k projections and keep their own V (the student inherits the rest,
+as in the EchoAtt paper).
 """
 
 import platform
@@ -50,6 +52,9 @@ def share_kv_weights(weights: dict, plan: SharingPlan, kv_init: str) -> dict:
                 members = group if kv_init == "mean" else [producer]
                 stacked = mx.stack([weights[key(i)].astype(mx.float32) for i in members])
                 out[key(producer)] = stacked.mean(axis=0).astype(weights[key(producer)].dtype)
+    for i in plan.attention_consumers:
+        prefix = (f"model.layers.{i}.self_attn.q_proj.", f"model.layers.{i}.self_attn.k_proj.")
+        out = {k: v for k, v in out.items() if not k.startswith(prefix)}
     return out
 
 
@@ -100,6 +105,9 @@ class Summary:
         lost = ", ".join(map(str, p.consumers)) or "none"
         yield f"plan: {p.name or 'custom'} = {p}"
         yield f"layers without k/v projections ({len(p.consumers)}/{p.num_layers}): {lost}"
+        if p.attention_consumers:
+            echo = ", ".join(f"{i}<-{p.attention_sources[i]}" for i in p.attention_consumers)
+            yield f"EchoAtt layers without q/k projections ({len(p.attention_consumers)}/{p.num_layers}): {echo}"
         yield f"parameters: {self.params_before:,} -> {self.params_after:,}"
         yield (
             f"KV cache per token: {self.kv_bytes_per_token_before:,} -> "
@@ -110,10 +118,14 @@ class Summary:
             yield f"weights quantized: {q['bits']} bits, group size {q['group_size']}"
 
 
-def kv_bytes_per_token(config: dict, num_producers: int, dtype_size: int) -> int:
+def kv_bytes_per_token(config: dict, plan: Optional[SharingPlan], dtype_size: int) -> int:
+    """K and V per producer, V only per EchoAtt layer; ``None``: the unshared model."""
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
-    return 2 * n_kv * head_dim * dtype_size * num_producers
+    halves = 2 * config["num_hidden_layers"]
+    if plan is not None:
+        halves = 2 * len(plan.producers) - len(plan.attention_consumers)
+    return n_kv * head_dim * dtype_size * halves
 
 
 def convert(
@@ -179,8 +191,8 @@ def convert(
         sharing,
         params_before,
         params_after,
-        kv_bytes_per_token(config, sharing.num_layers, dtype_size),
-        kv_bytes_per_token(config, len(sharing.producers), dtype_size),
+        kv_bytes_per_token(config, None, dtype_size),
+        kv_bytes_per_token(config, sharing, dtype_size),
         target_dtype or src.source_dtype,
         quantization,
     )

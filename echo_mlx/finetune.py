@@ -125,7 +125,7 @@ class Models:
     def student(self, plan: SharingPlan):
         from .convert import shared_model
 
-        if self.checkpoint and plan.kv_sources == self.checkpoint_plan.kv_sources:
+        if self.checkpoint and str(plan) == str(self.checkpoint_plan):
             model, tokenizer, _ = checkpoint.load(self.checkpoint)
             self.tokenizer = self.tokenizer or tokenizer
             return model
@@ -370,7 +370,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
             )
             # Best-by-validation adapters come from stages that train the target plan itself
             # (the last one; with --layerwise-iters also the layer-wise phase).
-            on_target = stage.plan.kv_sources == models.target.kv_sources and stage.plan.sliding == models.target.sliding
+            on_target = str(stage.plan) == str(models.target)
             label = f"stage {k + 1}/{len(stages)}" if len(stages) > 1 else "finetune"
             label += " (layer-wise)" if stage.kind == "layerwise" else ""
             student.train()
@@ -458,8 +458,8 @@ def _layerwise_loss(teacher, target: SharingPlan, train, args: FinetuneArgs):
         raise EchoError(f"--layerwise-iters needs a teacher with the student's {target.num_layers} layers (it has {len(teacher.layers)})")
     # Scales from the first training batch in corpus order: the same on every rank and on resume.
     batch, _ = next(batches(train, args.batch_size, args.max_seq_length, shuffle=False))
-    scales = layer_scales(teacher, batch[:, :-1], changed_layers(target.kv_sources))
-    return make_layerwise_loss(teacher, target.kv_sources, scales)
+    scales = layer_scales(teacher, batch[:, :-1], changed_layers(target.kv_sources, target.attention_sources))
+    return make_layerwise_loss(teacher, target.kv_sources, scales, target.attention_sources)
 
 
 class _Stop(Exception):

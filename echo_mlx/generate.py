@@ -26,6 +26,7 @@ from mlx_lm.sample_utils import make_sampler
 from .checkpoint import kv_cache_bytes
 from .errors import EchoError
 from .kernels import dispatch
+from .plans import plan_id
 
 DEFAULT_QUANTIZED_KV_START = 5000
 KEEP_TOKENS = 4  # like mlx-lm: a rotating cache keeps the first tokens (attention sinks)
@@ -60,7 +61,9 @@ def unshared_kv_bytes(model, cache) -> int:
     """What the unshared model would hold for the same tokens: every layer
     caches as much as its producer does."""
     per_producer = {j: kv_cache_bytes([c]) for j, c in zip(model.model.producers, cache)}
-    return sum(per_producer[j] for j in model.args.kv_sources)
+    # An EchoAtt layer caches V only; unshared it would hold K as well, of the same size.
+    own = lambda i: 2 * per_producer[i] if model.args.attention_sources[i] != i else per_producer[model.args.kv_sources[i]]
+    return sum(own(i) for i in range(len(model.args.kv_sources)))
 
 
 def model_fingerprint(model) -> str:
@@ -68,6 +71,8 @@ def model_fingerprint(model) -> str:
     a few weight values (so a finetuned or different model does not match)."""
     h = hashlib.sha256()
     h.update(json.dumps([model.args.kv_sources, model.args.sliding_layers]).encode())
+    if model.args.attention_sources != list(range(len(model.args.kv_sources))):  # EchoAtt
+        h.update(json.dumps(model.args.attention_sources).encode())
     for name, a in tree_flatten(model.parameters()):  # a slice of every tensor: cheap, catches any re-init
         h.update(f"{name}{a.shape}".encode())
         h.update(bytes(memoryview(a.reshape(-1)[:64].astype(mx.float32))))
@@ -77,7 +82,7 @@ def model_fingerprint(model) -> str:
 def save_cache_file(path, cache, model, model_id: str):
     metadata = {
         "model": model_id,
-        "echo_plan": "_".join(map(str, model.args.kv_sources)),
+        "echo_plan": plan_id(model.args),
         "echo_fingerprint": model_fingerprint(model),
         "tokenizer_config": "{}",  # what mlx_lm.generate expects in a cache file
     }
@@ -97,7 +102,7 @@ def load_cache_file(path, model) -> list:
         cache, metadata = load_prompt_cache(str(path), return_metadata=True)
     except Exception as e:  # safetensors/metadata errors of every kind
         raise EchoError(f"{path} is not a readable prompt cache ({type(e).__name__}): re-create it with `echo-mlx cache-prompt`")
-    plan = "_".join(map(str, model.args.kv_sources))
+    plan = plan_id(model.args)
     if metadata.get("echo_plan") != plan or len(cache) != len(model.model.producers):
         raise EchoError(
             f"{path} was made for plan {metadata.get('echo_plan', 'unknown')}, this model uses {plan}: "

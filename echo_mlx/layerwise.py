@@ -23,17 +23,18 @@ consumer need: the producer's K/V are computed from the teacher's ``h_p``,
 the fixed point the iterative passes converge to once the student matches.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
 from .errors import EchoError
 
 
-def changed_layers(kv_sources: Sequence[int]) -> list:
-    """Layers that attend differently after conversion: consumers, and producers others read."""
-    shared = {j for i, j in enumerate(kv_sources) if i != j}
-    return sorted({i for i, j in enumerate(kv_sources) if i != j} | shared)
+def changed_layers(kv_sources: Sequence[int], attention_sources: Optional[Sequence[int]] = None) -> list:
+    """Layers that attend differently after conversion: consumers, and the producers
+    (of K/V, or of EchoAtt attention) they read."""
+    pairs = list(enumerate(kv_sources)) + list(enumerate(attention_sources or ()))
+    return sorted({k for i, j in pairs if i != j for k in (i, j)})
 
 
 def _masks(model, h):
@@ -58,15 +59,17 @@ def layer_scales(teacher, inputs, layers: Sequence[int]) -> mx.array:
     return mx.stop_gradient(mx.stack([((states[i + 1] - states[i]) ** 2).mean() for i in layers]))
 
 
-def make_layerwise_loss(teacher, kv_sources: Sequence[int], scales: mx.array):
+def make_layerwise_loss(teacher, kv_sources: Sequence[int], scales: mx.array, attention_sources=None):
     """A loss with make_loss's signature: (sum over tokens, number of tokens)."""
-    layers = changed_layers(kv_sources)
+    attention_sources = attention_sources or range(len(kv_sources))
+    layers = changed_layers(kv_sources, attention_sources)
     if not layers:
         raise EchoError("the plan shares nothing: there is nothing to distil layer by layer")
     if teacher is None:
         raise EchoError("layer-wise distillation needs a teacher: drop --teacher none or --layerwise-iters")
-    # Producers first: a consumer may read a producer above it.
-    order = sorted(layers, key=lambda i: kv_sources[i] != i)
+    # Producers first (a consumer may read a producer above it), EchoAtt
+    # layers last (they read their source's queries and keys).
+    order = sorted(layers, key=lambda i: (attention_sources[i] != i, kv_sources[i] != i))
 
     def loss(model, batch, lengths):
         inputs = batch[:, :-1]

@@ -16,6 +16,12 @@ gradient, then ``backward_passes`` with it, each pass reading the K/V the
 previous one wrote (zeros at first). After p passes the first p positions are
 exact, so a block needs only ``min(tokens, passes)`` of them.
 
+EchoAtt (``attention_sources``): layer ``i`` with source ``s < i`` reuses
+layer s's attention probabilities with its own values,
+softmax(Q_s K_s^T) V_i, computed as fused attention over s's queries and keys
+and i's values. It has no q/k projections; its cache entry holds V and
+zero-width keys, so mlx-lm's caches (and their quantization) work unchanged.
+
 This file only imports mlx and mlx_lm (and echo_mlx's decode kernels when
 echo-mlx is installed): ``echo-mlx convert`` copies it into every checkpoint
 as the ``model_file`` that stock ``mlx_lm.load(..., trust_remote_code=True)``
@@ -65,6 +71,7 @@ class ModelArgs(BaseModelArgs):
     kv_sources: Optional[List[int]] = None
     sliding_window: Optional[int] = None
     sliding_layers: Optional[List[int]] = None
+    attention_sources: Optional[List[int]] = None
     forward_passes: int = 7
     backward_passes: int = 2
 
@@ -75,6 +82,8 @@ class ModelArgs(BaseModelArgs):
             self.kv_sources = list(range(self.num_hidden_layers))
         if self.sliding_layers is None:
             self.sliding_layers = []
+        if self.attention_sources is None:
+            self.attention_sources = list(range(self.num_hidden_layers))
         if len(self.kv_sources) != self.num_hidden_layers:
             raise ValueError(
                 f"kv_sources has {len(self.kv_sources)} entries for "
@@ -110,11 +119,16 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.kv_source = args.kv_sources[layer_idx]
         self.produces_kv = layer_idx in args.kv_sources
+        self.attention_source = args.attention_sources[layer_idx]
+        self.reuses_attention = self.attention_source != layer_idx
+        self.shares_attention = layer_idx in args.attention_sources[layer_idx + 1 :]
         bias = args.attention_bias
 
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        if self.produces_kv:
+        if not self.reuses_attention:
+            self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        if self.produces_kv and not self.reuses_attention:
             self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        if self.produces_kv:
             self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
         self.rope = initialize_rope(
@@ -126,6 +140,8 @@ class Attention(nn.Module):
         )
 
     def __call__(self, x, mask, cache, kv: dict, offset: int) -> mx.array:
+        if self.reuses_attention:
+            return self._reuse_attention(x, mask, cache, kv, offset)
         B, L, _ = x.shape
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         queries = self.rope(queries, offset=offset)
@@ -140,7 +156,23 @@ class Attention(nn.Module):
             kv[self.layer_idx] = (keys, values, cache)
 
         keys, values, source_cache = kv[self.kv_source]
-        earlier_only = self.kv_source > self.layer_idx
+        if self.shares_attention:  # EchoAtt layers above read these queries and keys
+            # A handle of its own: mlx-lm's quantized attention scales its queries in place.
+            kv["attention", self.layer_idx] = (mx.array(queries), keys, source_cache, self.kv_source > self.layer_idx)
+        output = self._attend(queries, keys, values, source_cache, mask, offset, self.kv_source > self.layer_idx)
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _reuse_attention(self, x, mask, cache, kv: dict, offset: int) -> mx.array:
+        """EchoAtt: the source layer's attention probabilities applied to this layer's own V."""
+        B, L, _ = x.shape
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if cache is not None:  # keys of width 0: the cache holds V only
+            _, values = cache.update_and_fetch(values[..., :0], values)
+        queries, keys, source_cache, earlier_only = kv["attention", self.attention_source]
+        output = self._attend(queries, keys, values, source_cache, mask, offset, earlier_only)
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, queries, keys, values, source_cache, mask, offset, earlier_only):
         output = None
         if decode_attention is not None:  # echo's Metal kernel, or None: the ops below
             output = decode_attention(
@@ -152,7 +184,7 @@ class Attention(nn.Module):
             output = scaled_dot_product_attention(
                 queries, keys, values, cache=source_cache, scale=self.scale, mask=mask
             )
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return output
 
     def _attend_to_earlier_tokens(self, queries, keys, values, cache, offset):
         # The query at position p sees the producer's K/V at positions < p.
@@ -245,7 +277,9 @@ class LlamaModel(nn.Module):
     def _iterate_block(self, block, h, run, kv, layer_cache):
         """Run a block whose layers read K/V from a layer above them."""
         T = h.shape[1]
-        producers = [j for j in block if self.layers[j].self_attn.produces_kv]
+        cached = [j for j in block if self.layers[j].self_attn.produces_kv]
+        # K/V that layers read (an EchoAtt layer's V is its own only).
+        producers = [j for j in cached if not self.layers[j].self_attn.reuses_attention]
         # Pass 0 reads zero K/V for the current tokens (after any cached prefix).
         for j in producers:
             attn = self.layers[j].self_attn
@@ -262,7 +296,7 @@ class LlamaModel(nn.Module):
                 x = run(i, x)
             if p < passes - 1:
                 # Earlier passes only propose K/V: roll the caches back.
-                for j in producers:
+                for j in cached:
                     if layer_cache.get(j) is not None:
                         layer_cache[j].trim(T)
             if p < no_grad_passes:

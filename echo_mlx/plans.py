@@ -16,8 +16,16 @@ string for a given number of layers:
 - ``echo:B``                   layers B.. reuse the K/V of layer B-1: the plan of one stage of
                                ECHO-LLaMA's progressive conversion, whose boundary B moves down
 - ``lckv:W``                   LCKV with W warm-up layers (= ``sandwich-top:W+1``)
+- ``echoatt:K``                EchoAtt: the inner layers 1..L-2 form blocks of K consecutive
+                               layers; the other K-1 layers of a block reuse its first layer's
+                               attention probabilities with their own V
 
 N counts the layers that compute K/V, so the KV-cache reduction is L / N.
+
+EchoAtt is a second, independent field: an entry ``iaS`` (e.g. ``3a2``) says
+layer i keeps its own V but reuses the attention probabilities of layer S < i
+(S's queries and keys): it has no q/k projections and caches V only, so it
+saves half a layer's cache. ``0_1_2a1_3a1_4`` is ``echoatt:3`` on 5 layers.
 Layer 0 always computes its own K/V (sharing it ruins quality, and its cache
 carries the token offset). For lasagna with middle/top targets layer 0 is its
 own group and the other layers form N-1 groups.
@@ -39,7 +47,9 @@ PRESETS = (
     "yoco:W",
     "echo:B",
     "lckv:W",
+    "echoatt:K",
 )
+_ENTRY = r"\d+s?(?:a\d+)?"
 DEFAULT_SLIDING_WINDOW = 4096
 
 
@@ -49,16 +59,25 @@ class SharingPlan:
     sliding: Tuple[bool, ...]
     name: Optional[str] = None  # the preset it came from, for display
     sliding_window: Optional[int] = None
+    # EchoAtt: layer i reuses the attention probabilities of layer attention_sources[i].
+    attention_sources: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.attention_sources is None:
+            object.__setattr__(self, "attention_sources", tuple(range(len(self.kv_sources))))
 
     # ---- construction -------------------------------------------------
     @classmethod
     def parse(cls, text: str, num_layers: int) -> "SharingPlan":
         """A preset name or a raw plan string, resolved and validated."""
         text = text.strip()
-        if re.fullmatch(r"\d+s?(_\d+s?)*", text):
-            sources, sliding = zip(*((int(e.rstrip("s")), e.endswith("s")) for e in text.split("_")))
+        if re.fullmatch(rf"{_ENTRY}(_{_ENTRY})*", text):
+            entries = [re.fullmatch(r"(\d+)(s?)(?:a(\d+))?", e).groups() for e in text.split("_")]
+            sources = tuple(int(j) for j, _, _ in entries)
+            sliding = tuple(s == "s" for _, s, _ in entries)
+            attention = tuple(i if a is None else int(a) for i, (_, _, a) in enumerate(entries))
             window = DEFAULT_SLIDING_WINDOW if any(sliding) else None
-            return cls(tuple(sources), tuple(sliding), None, window).validated(num_layers)
+            return cls(sources, sliding, None, window, attention).validated(num_layers)
         plan = _preset(text, num_layers)
         return plan.validated(num_layers)
 
@@ -72,18 +91,25 @@ class SharingPlan:
             tuple(i in sliding for i in range(L)),
             config.get("echo", {}).get("plan"),
             config.get("sliding_window"),
+            tuple(config.get("attention_sources") or range(L)),
         ).validated(L)
 
     def to_config(self) -> dict:
         """The keys the model file reads (see echo_mlx.model.ModelArgs)."""
-        return {
+        config = {
             "kv_sources": list(self.kv_sources),
             "sliding_layers": [i for i, s in enumerate(self.sliding) if s],
             "sliding_window": self.sliding_window,
         }
+        if self.attention_consumers:  # absent otherwise: plain plans keep plain configs
+            config["attention_sources"] = list(self.attention_sources)
+        return config
 
     def __str__(self) -> str:
-        return "_".join(f"{j}{'s' if s else ''}" for j, s in zip(self.kv_sources, self.sliding))
+        return "_".join(
+            f"{j}{'s' if s else ''}{f'a{a}' if a != i else ''}"
+            for i, (j, s, a) in enumerate(zip(self.kv_sources, self.sliding, self.attention_sources))
+        )
 
     # ---- what the plan implies ------------------------------------------
     @property
@@ -99,8 +125,15 @@ class SharingPlan:
         return tuple(i for i in range(self.num_layers) if i not in set(self.kv_sources))
 
     @property
+    def attention_consumers(self) -> Tuple[int, ...]:
+        """EchoAtt layers: their own V, another layer's attention probabilities."""
+        return tuple(i for i, a in enumerate(self.attention_sources) if a != i)
+
+    @property
     def kv_reduction(self) -> float:
-        return self.num_layers / len(self.producers)
+        """Unshared cache bytes / this plan's: a producer caches K and V, an EchoAtt layer V only."""
+        halves = 2 * len(self.producers) - len(self.attention_consumers)
+        return 2 * self.num_layers / halves
 
     @property
     def cyclic_blocks(self):
@@ -108,7 +141,7 @@ class SharingPlan:
 
     @property
     def is_identity(self) -> bool:
-        return self.kv_sources == tuple(range(self.num_layers))
+        return self.kv_sources == tuple(range(self.num_layers)) and not self.attention_consumers
 
     def groups(self) -> dict:
         """producer -> the layers attending to its K/V (itself included)."""
@@ -147,12 +180,46 @@ class SharingPlan:
                     f"{where}: layer {i} uses a sliding window and attends to layer {j} above "
                     f"it: sliding windows are supported with lower producers only"
                 )
+        self._validate_attention(where)
         if self.kv_sources[0] != 0:
             raise EchoError(
                 f"{where}: layer 0 must compute its own K/V (entry 0 must be 0): "
                 f"sharing the first layer's K/V ruins quality"
             )
         return self
+
+    def _validate_attention(self, where: str):
+        n = len(self.attention_sources)
+        if n != len(self.kv_sources):
+            raise EchoError(f"{where}: {n} attention sources for {len(self.kv_sources)} layers: give one per layer")
+        for i, s in enumerate(self.attention_sources):
+            if s == i:
+                continue
+            if s == 0:
+                raise EchoError(
+                    f"{where}: layer {i} reuses the attention of layer 0, but an EchoAtt block may not "
+                    f"contain layer 0 (its attention is the least like any other): start blocks at layer 1"
+                )
+            if not 0 < s < i:
+                raise EchoError(
+                    f"{where}: layer {i} reuses the attention of layer {s}: an EchoAtt source must be a "
+                    f"layer below it, use an index between 1 and {i - 1}"
+                )
+            if self.attention_sources[s] != s:
+                raise EchoError(
+                    f"{where}: layer {i} reuses the attention of layer {s}, which itself reuses layer "
+                    f"{self.attention_sources[s]}'s: point layer {i} at {self.attention_sources[s]}"
+                )
+            if self.kv_sources[i] != i or any(j == i for k, j in enumerate(self.kv_sources) if k != i):
+                raise EchoError(
+                    f"{where}: layer {i} reuses layer {s}'s attention, so it has no keys and must compute "
+                    f"its own V (entry {i} must be {i}a{s}) and no other layer may attend to its K/V"
+                )
+            if self.sliding[i] != self.sliding[s]:
+                raise EchoError(
+                    f"{where}: layer {i} and its attention source {s} differ in sliding-window type: "
+                    f"mark both with 's' or neither"
+                )
 
 
 def _preset(text: str, L: int) -> SharingPlan:
@@ -193,6 +260,11 @@ def _preset(text: str, L: int) -> SharingPlan:
     elif name == "lckv":
         w = need("number of warm-up layers W", 0, L - 1)
         sources = _partitioned("sandwich", "top", w + 1, L)
+    elif name == "echoatt":
+        k = need("block size K", 2, max(2, L - 2))
+        if L < 4:
+            raise EchoError(f"preset echoatt needs at least 4 layers (inner blocks keep the first and last), the model has {L}")
+        return SharingPlan(tuple(range(L)), (False,) * L, text, None, _echoatt_blocks(k, L))
     else:
         raise EchoError(
             f"unknown plan {text!r}: use a preset ({', '.join(PRESETS)}) or a string "
@@ -225,6 +297,24 @@ def _partitioned(partition: str, target: str, kv_layers: int, L: int) -> list:
         _share(sources, range(start, stop), target)
         start = stop
     return sources
+
+
+def _echoatt_blocks(k: int, L: int) -> Tuple[int, ...]:
+    """Inner layers 1..L-2 in blocks of k; each block's first layer is the source."""
+    sources = list(range(L))
+    for start in range(1, L - 1, k):
+        for i in range(start + 1, min(start + k, L - 1)):
+            sources[i] = start
+    return tuple(sources)
+
+
+def plan_id(args) -> str:
+    """The plan of a model's args (echo_mlx.model.ModelArgs) as a plan string:
+    what adapters and prompt caches record, so they load onto the same plan only."""
+    L = len(args.kv_sources)
+    sliding = set(args.sliding_layers or ())
+    attention = tuple(getattr(args, "attention_sources", None) or range(L))
+    return str(SharingPlan(tuple(args.kv_sources), tuple(i in sliding for i in range(L)), attention_sources=attention))
 
 
 def _pizza(kv_layers: int, target: str, L: int) -> list:

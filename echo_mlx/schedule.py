@@ -44,7 +44,8 @@ class Stage:
 
 def first_changed_layer(plan: SharingPlan) -> int:
     """The lowest layer whose attention differs from the unshared model."""
-    changed = [min(i, j) for i, j in enumerate(plan.kv_sources) if i != j]
+    pairs = list(enumerate(plan.kv_sources)) + list(enumerate(plan.attention_sources))
+    changed = [min(i, j) for i, j in pairs if i != j]
     return min(changed) if changed else plan.num_layers
 
 
@@ -61,6 +62,10 @@ def progressive_plans(target: SharingPlan, *, stages: Optional[int] = None, laye
     if any(target.sliding):
         raise EchoError(
             f"--schedule progressive does not support sliding-window plans ({target}): use --schedule direct"
+        )
+    if target.attention_consumers:
+        raise EchoError(
+            f"--schedule progressive moves a K/V sharing boundary; EchoAtt plans ({target}) use --schedule direct"
         )
     if stages is not None and layers_per_stage is not None:
         raise EchoError("pass --stages or --layers-per-stage, not both")
@@ -108,7 +113,7 @@ def build_stages(
             raise EchoError("--layerwise-iters replaces the progressive schedule's layer-by-layer walk: use --schedule direct")
         if not 0 < layerwise_iters < iters:
             raise EchoError(f"--layerwise-iters {layerwise_iters} must be between 1 and --iters - 1 ({iters - 1})")
-        if not target.consumers:
+        if target.is_identity:
             raise EchoError("plan 'none' shares nothing: there is nothing to distil layer by layer, pass --plan")
         kd = build_stages(target, iters - layerwise_iters, num_layers=num_layers)[0]
         return [Stage(target, 1, layerwise_iters, kd.trainable_from, "layerwise"),

@@ -188,7 +188,8 @@ def kernel_reasons():
 
 # yoco:3 has 3-token windows: mlx-lm's RotatingKVCache cannot be quantized (echo's
 # QuantizedRotatingKVCache is tested below).
-TINY_CASES = [(plan, quantize) for plan in ("cla:2", "pizza-top:3", "lckv:2", "yoco:3", "0_0_2_2_2_5")
+TINY_CASES = [(plan, quantize) for plan in ("cla:2", "pizza-top:3", "lckv:2", "yoco:3", "0_0_2_2_2_5",
+                                       "echoatt:2", "0_1_5_3a2_5_5")  # EchoAtt: source Q/K, own V
               for quantize in (None, dict(group_size=32, bits=4), dict(group_size=64, bits=8))
               if not (quantize and plan == "yoco:3")]
 

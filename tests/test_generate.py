@@ -64,8 +64,9 @@ def test_greedy_generation_equals_the_uncached_reference(smollm2_f64, plan):
     assert out == reference
 
 
-def test_batched_generation_equals_one_prompt_at_a_time(smollm2_f64):
-    model = convert_in_memory(smollm2_f64, "cla:2")
+@pytest.mark.parametrize("plan", ["cla:2", "echoatt:2"])
+def test_batched_generation_equals_one_prompt_at_a_time(smollm2_f64, plan):
+    model = convert_in_memory(smollm2_f64, plan)
     tok = smollm2_f64.tokenizer
     prompts = [tok.encode(p, add_special_tokens=False) for p in (PROMPT, "One, two, three, four", "Hi")]
     from mlx_lm.tokenizer_utils import TokenizerWrapper

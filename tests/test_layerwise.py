@@ -96,7 +96,8 @@ def test_schedule_opens_with_layerwise_steps_and_refuses_bad_combinations():
         build_stages(plan, 10, layerwise_iters=10)
 
 
-@pytest.mark.parametrize("plan", ["cla:2", "pizza-top:2"])
+# echoatt:2, and EchoAtt whose source (1) is a K/V consumer: it must run before layer 2.
+@pytest.mark.parametrize("plan", ["cla:2", "pizza-top:2", "echoatt:2"])
 def test_finetune_opens_with_layerwise_steps_then_kd(six_layer_source, tmp_path, plan):
     # pizza-top reads K/V from above: teacher forcing needs no iterative passes.
     run_dir = tmp_path / "run"
@@ -113,22 +114,26 @@ def test_finetune_opens_with_layerwise_steps_then_kd(six_layer_source, tmp_path,
     assert (run_dir / "adapters.safetensors").exists()
 
 
-@pytest.mark.parametrize("plan", ["cla:2", "pizza-top:2"])
-def test_layerwise_steps_fit_the_teachers_layers(six_layer_source, plan):
+# A random llama's attention maps are near uniform, so echoatt:2 starts almost exact
+# (relative error 0.02): Adam's sign-sized first steps overshoot there, plain SGD descends.
+@pytest.mark.parametrize("plan, optimizer, ratio", [("cla:2", "Adam", 0.5), ("pizza-top:2", "Adam", 0.5),
+                                                     ("0_0_2a1_3_4a3_5", "Adam", 0.5), ("echoatt:2", "SGD", 0.75)])
+def test_layerwise_steps_fit_the_teachers_layers(six_layer_source, plan, optimizer, ratio):
     import mlx.optimizers as optim
 
     teacher, student = models(six_layer_source, plan, kv_init="mean")
-    kv_sources = student.args.kv_sources
+    kv_sources, attention_sources = student.args.kv_sources, student.args.attention_sources
     adapters.make_trainable(student, "full", 0, {})
     tokens, lengths = batch()
-    loss = make_layerwise_loss(teacher, kv_sources, layer_scales(teacher, tokens[:, :-1], changed_layers(kv_sources)))
-    value_and_grad, optimizer = nn.value_and_grad(student, loss), optim.Adam(learning_rate=1e-3)
+    scales = layer_scales(teacher, tokens[:, :-1], changed_layers(kv_sources, attention_sources))
+    loss = make_layerwise_loss(teacher, kv_sources, scales, attention_sources)
+    value_and_grad, optimizer = nn.value_and_grad(student, loss), getattr(optim, optimizer)(learning_rate=1e-3)
     first = None
     for _ in range(15):
         (total, count), grads = value_and_grad(student, tokens, lengths)
         optimizer.update(student, grads)
         first = first if first is not None else total.item()
-    assert total.item() < 0.5 * first
+    assert total.item() < ratio * first
 
 
 def test_resume_across_the_layerwise_boundary_matches(six_layer_source, tmp_path):

@@ -11,7 +11,10 @@ from echo_mlx.plans import SharingPlan
 from echo_mlx.checkpoint import kv_cache_bytes
 
 PLANS = ["none", "cla:2", "cla:3", "yoco", "pizza-top:3", "pizza-middle:3", "sandwich-middle:3",
-         "sandwich-top:4", "lasagna-top:3", "lasagna-middle:4", "lckv:2", "0_0_2_2_2_5", "yoco:3"]
+         "sandwich-top:4", "lasagna-top:3", "lasagna-middle:4", "lckv:2", "0_0_2_2_2_5", "yoco:3",
+         # EchoAtt, alone, with K/V sharing, and inside an iterated block (layer 3 reuses layer 2,
+         # which attends to layer 5 above it)
+         "echoatt:2", "echoatt:3", "0_0_2_3a2_4a2_5", "0_1_5_3a2_5_5"]
 
 
 def echo_model(plan, kv_init="own", **overrides):
@@ -84,12 +87,14 @@ def test_consumers_hold_no_kv_parameters(plan):
     sharing = SharingPlan.parse(plan, 6)
     names = {k for k, _ in tree_flatten(model.parameters())}
     for i in range(6):
-        has_kv = f"model.layers.{i}.self_attn.k_proj.weight" in names
-        assert has_kv == (i in sharing.producers)
-        assert (f"model.layers.{i}.self_attn.v_proj.weight" in names) == has_kv
+        has = lambda proj: f"model.layers.{i}.self_attn.{proj}.weight" in names
+        echo = i in sharing.attention_consumers
+        assert has("k_proj") == (i in sharing.producers and not echo)
+        assert has("v_proj") == (i in sharing.producers)
+        assert has("q_proj") == (not echo)
 
 
-@pytest.mark.parametrize("plan", ["cla:2", "cla:3", "yoco", "sandwich-top:4", "lckv:2"])
+@pytest.mark.parametrize("plan", ["cla:2", "cla:3", "yoco", "sandwich-top:4", "lckv:2", "echoatt:2", "0_0_2_3a2_4a2_5"])
 def test_kv_cache_bytes_shrink_exactly_by_the_plan(plan):
     x = tokens(B=1, T=300)
     sizes = {}
@@ -98,8 +103,10 @@ def test_kv_cache_bytes_shrink_exactly_by_the_plan(plan):
         cache = model.make_cache()
         model(x, cache=cache)  # nbytes needs shapes only: no eval
         sizes[p] = kv_cache_bytes(cache)
-    producers = len(SharingPlan.parse(plan, 6).producers)
-    assert sizes[plan] * 6 == sizes["none"] * producers
+    sharing = SharingPlan.parse(plan, 6)
+    assert sizes[plan] * sharing.kv_reduction == pytest.approx(sizes["none"])
+    halves = 2 * len(sharing.producers) - len(sharing.attention_consumers)  # K+V per producer, V per EchoAtt layer
+    assert sizes[plan] * 12 == sizes["none"] * halves
 
 
 def test_mean_init_averages_the_group_and_own_init_copies():

@@ -55,7 +55,10 @@ def test_every_preset_keeps_layer_zero_and_hits_its_reduction():
         for generic, concrete in arg.items():
             text = text.replace(generic, concrete)
         plan = SharingPlan.parse(text, 30)
-        assert plan.kv_sources[0] == 0
+        assert plan.kv_sources[0] == 0 and plan.attention_sources[0] == 0
+        if preset == "echoatt:K":  # K/V untouched; 14 layers cache V only
+            assert len(plan.producers) == 30 and len(plan.attention_consumers) == 14
+            continue
         assert len(plan.producers) == (30 if preset == "none" else 15), text
         assert all(plan.kv_sources[j] == j for j in plan.producers)
 

@@ -75,17 +75,21 @@ def test_kv_cache_at_1024_tokens_is_exactly_producers_over_layers(smollm2, plan)
         sizes[p] = kv_cache_bytes(cache)
     sharing = SharingPlan.parse(plan, L)
     assert sizes["none"] == 1024 * L * 2 * 3 * 64 * 4  # tokens x layers x (K,V) x kv heads x head dim x fp32
+    halves = 2 * len(sharing.producers) - len(sharing.attention_consumers)  # EchoAtt layers cache V only
     if any(sharing.sliding):  # windowed producers may hold less, never more
-        assert sizes[plan] * L <= sizes["none"] * len(sharing.producers)
+        assert sizes[plan] * 2 * L <= sizes["none"] * halves
     else:
-        assert sizes[plan] * L == sizes["none"] * len(sharing.producers)
+        assert sizes[plan] * 2 * L == sizes["none"] * halves
 
 
 @pytest.mark.parametrize("plan", REAL_PLANS)
 def test_consumer_layers_hold_no_kv_parameters(smollm2, plan):
     model = convert_in_memory(smollm2, plan)
     names = {k for k, _ in tree_flatten(model.parameters())}
-    producers = set(SharingPlan.parse(plan, L).producers)
+    sharing = SharingPlan.parse(plan, L)
     for i in range(L):
-        for proj in ("k_proj", "v_proj"):
-            assert (f"model.layers.{i}.self_attn.{proj}.weight" in names) == (i in producers)
+        has = lambda proj: f"model.layers.{i}.self_attn.{proj}.weight" in names
+        echo = i in sharing.attention_consumers
+        assert has("v_proj") == (i in sharing.producers)
+        assert has("k_proj") == (i in sharing.producers and not echo)
+        assert has("q_proj") == (not echo)
