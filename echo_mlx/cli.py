@@ -125,10 +125,19 @@ def _true_or_false(value: str, flag: str) -> bool:
     raise EchoError(f"{flag} takes True or False, not {value!r}")
 
 
-def _load_model(model: str, plan: str, adapter_path: Optional[str]):
+def _load_model(model: str, plan: Optional[str], adapter_path: Optional[str]):
+    from . import shipped
     from .api import load
 
-    model_, tokenizer = load(model, plan=plan)
+    if plan is None and model == "default" and adapter_path is None and shipped.available():
+        card = shipped.verify()
+        r = card["results"]
+        # stderr: piped output stays the reply alone.
+        typer.echo(f"shipped model {shipped.SHIPPED.name}: plan {card['plan']} ({card['kv_reduction']:.2f}x smaller KV cache), "
+                   f"held-out perplexity {r['adapted_ppl']:.2f} (original {r['original_ppl']:.2f}); --plan none runs the original",
+                   err=True)
+        return shipped.load()  # weights/: the default model adapted to its sharing plan
+    model_, tokenizer = load(model, plan=plan or "none")
     if adapter_path is not None:
         from . import adapters
 
@@ -158,7 +167,7 @@ def _chat_prompt(tokenizer, prompt: str, system_prompt: Optional[str], ignore_ch
 @app.command()
 def generate(
     model: str = typer.Option("default", help="An echo checkpoint, or a source model converted on the fly with --plan."),
-    plan: str = typer.Option("none", help="Sharing plan when --model is not an echo checkpoint."),
+    plan: Optional[str] = typer.Option(None, help="Sharing plan when --model is not an echo checkpoint ('none': unshared). Default: the shipped adapted model for --model default, else none."),
     adapter_path: Optional[str] = typer.Option(None, help="LoRA adapters written by finetune."),
     prompt: str = typer.Option("Hello", "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Batched generation: one prompt per line."),
@@ -234,7 +243,7 @@ def generate(
 def cache_prompt(
     prompt_cache_file: Path = typer.Option(..., help="The .safetensors file to write."),
     model: str = typer.Option("default", help="An echo checkpoint, or a source model converted with --plan."),
-    plan: str = typer.Option("none", help="Sharing plan when --model is not an echo checkpoint."),
+    plan: Optional[str] = typer.Option(None, help="Sharing plan when --model is not an echo checkpoint ('none': unshared). Default: the shipped adapted model for --model default, else none."),
     adapter_path: Optional[str] = typer.Option(None),
     prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
     system_prompt: Optional[str] = typer.Option(None),
@@ -346,6 +355,44 @@ def plot(run: Path = typer.Argument(..., help="A finetune --adapter-path."), out
     from .plot import plot_run
 
     typer.echo(f"wrote {plot_run(run, out)}")
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option("default", "--model", help="The original (unshared) model: 'default', a .gguf, an HF/mlx-lm directory or a hub id."),
+    out: Path = typer.Option(Path("analysis"), help="Directory for similarity_{k,v,attention}.png and report.json."),
+    calibration: Optional[Path] = typer.Option(None, help="UTF-8 text file to calibrate on (default: the built-in corpus's training half)."),
+    window: int = typer.Option(256, help="Tokens per calibration window."),
+    num_windows: int = typer.Option(8, help="Calibration windows, spread evenly over the text."),
+    target_reduction: float = typer.Option(2.0, help="KV-cache reduction the suggested plan must reach: floor(L / R) layers keep K/V."),
+    evaluate: int = typer.Option(0, help="Convert the N best-scoring candidate plans naively and rank them by held-out perplexity."),
+    kv_init: str = typer.Option("own", help="Producer K/V weights of the evaluated plans: 'own' or 'mean'."),
+    eval_windows: int = typer.Option(4, help="--evaluate: held-out windows (a quicker protocol than the 16 x 512 of the README's table)."),
+    eval_length: int = typer.Option(256, help="--evaluate: scored tokens per held-out window."),
+):
+    """Measure how alike the layers' K, V and attention are, and suggest which layers should share K/V."""
+    from .analyze import analyze as run, write_report
+
+    result = run(
+        model, calibration=calibration, window=window, num_windows=num_windows,
+        target_reduction=target_reduction, evaluate=evaluate, kv_init=kv_init,
+        eval_windows=eval_windows, eval_length=eval_length, progress=True,
+    )
+    paths = write_report(out, result)
+    s = result.suggestion
+    typer.echo(f"similarity of {result.similarity.num_layers} layers over {num_windows} windows of {window} tokens: {result.calibration}")
+    why = (f"lowest naive perplexity ({s.perplexity:.2f}) of the {evaluate} best-scoring candidates"
+           if result.evaluation else f"similarity score {s.score:.3f} (mean (K + V) / 2 of consumers to their producers)")
+    typer.echo(f"suggested plan: {len(s.plan.producers)} K/V layers, {s.plan.kv_reduction:.2f}x KV reduction, {why}")
+    typer.echo(result.convert_command())
+    if result.evaluation:
+        e = result.evaluation
+        typer.echo(f"naive conversion (--kv-init {e['kv_init']}), perplexity on {e['protocol']}; unshared: {e['baseline_perplexity']:.2f}")
+        width = max(len(c["plan"]) for c in e["ranking"])
+        typer.echo(f"{'naive ppl':>12}  {'KV red.':>7}  {'score':>6}  {'plan':<{width}}  name")
+        for c in e["ranking"]:
+            typer.echo(f"{c['perplexity']:>12.2f}  {c['kv_reduction']:>6.2f}x  {c['score']:>6.3f}  {c['plan']:<{width}}  {c['name']}")
+    typer.echo(f"wrote {', '.join(p.name for p in paths)} to {out}")
 
 
 def main(argv=None):
