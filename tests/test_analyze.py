@@ -10,6 +10,7 @@ import pytest
 from echo_mlx import analyze, cli
 from echo_mlx.errors import EchoError
 from echo_mlx.plans import SharingPlan
+from test_convert import cli_error
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +29,6 @@ def windows(n=2, length=24, seed=0):
 def similarity_from(k, v=None, attention=None):
     k = np.asarray(k, dtype=float)
     return analyze.Similarity(k, k if v is None else np.asarray(v, float), k if attention is None else attention)
-
-
-def cli_error(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 # ---- capture ---------------------------------------------------------------------

@@ -52,22 +52,9 @@ inline int key_lo(int pos, const constant int* mask) {
 }
 """
 
-# Everything but the write of a finished row. `// <write row>` is replaced by
-# the single-pass or the key-block epilogue.
-ATTEND = """
-  constexpr int DL = (D + 31) / 32;  // head-dim elements per lane
-  constexpr int R = G * LQ;          // query rows that share each K/V row
-  static_assert(NSG >= 1 && NSG <= 32, "1 to 32 SIMD groups per threadgroup");
-  static_assert(D >= 32 && D <= 256, "head dim 32 to 256");
-  static_assert(G >= 1 && LQ >= 1 && R * DL <= 64, "too many query rows per thread: lower LQ");
-
-  threadgroup float group_max[NSG][R];
-  threadgroup float group_sum[NSG][R];
-  threadgroup float group_out[NSG][D];
-
-  const int sg = simdgroup_index_in_threadgroup;
-  const int lane = thread_index_in_simdgroup;
-  const int tid = thread_index_in_threadgroup;
+# The threadgroup's (batch, kv head, query chunk) and the keys it walks: shared
+# by the float and quantized kernels.
+KEY_RANGE = """
   const int Hkv = k_shape[1];
   const int n_keys = k_shape[2];
   const int L = q_shape[2];
@@ -92,7 +79,25 @@ ATTEND = """
   const int block_start = mask_params[4] + block * mask_params[5];
   const int first = max(block_start, row_lo[0]);
   const int last = min(block_start + mask_params[5] - 1, row_hi[l_last]);
+"""
 
+# Everything but the write of a finished row. `// <write row>` is replaced by
+# the single-pass or the key-block epilogue.
+ATTEND = """
+  constexpr int DL = (D + 31) / 32;  // head-dim elements per lane
+  constexpr int R = G * LQ;          // query rows that share each K/V row
+  static_assert(NSG >= 1 && NSG <= 32, "1 to 32 SIMD groups per threadgroup");
+  static_assert(D >= 32 && D <= 256, "head dim 32 to 256");
+  static_assert(G >= 1 && LQ >= 1 && R * DL <= 64, "too many query rows per thread: lower LQ");
+
+  threadgroup float group_max[NSG][R];
+  threadgroup float group_sum[NSG][R];
+  threadgroup float group_out[NSG][D];
+
+  const int sg = simdgroup_index_in_threadgroup;
+  const int lane = thread_index_in_simdgroup;
+  const int tid = thread_index_in_threadgroup;
+""" + KEY_RANGE + """
   // Load the queries. Row r is head h * G + r / LQ at position l0 + r % LQ.
   float qv[R][DL];
   float o[R][DL];

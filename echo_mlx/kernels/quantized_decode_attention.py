@@ -86,31 +86,7 @@ ATTEND = """
   const int sub = lane % LPK;             // this lane's word in each LPK-word stripe of a row
   const int walker = sg * KPS + lane / LPK;
   const int tid = thread_index_in_threadgroup;
-  const int Hkv = k_shape[1];
-  const int n_keys = k_shape[2];
-  const int L = q_shape[2];
-  const int Hq = Hkv * G;
-  const int block = threadgroup_position_in_grid.x;
-  const int b = threadgroup_position_in_grid.y / Hkv;
-  const int h = threadgroup_position_in_grid.y % Hkv;
-  const int l0 = threadgroup_position_in_grid.z * LQ;
-  const int q_offset = mask_params[0];
-
-  // Visible keys per query position of this chunk; empty past the last query.
-  int row_lo[LQ];
-  int row_hi[LQ];
-  for (int lq = 0; lq < LQ; lq++) {
-    const int pos = q_offset + l0 + lq;
-    row_lo[lq] = l0 + lq < L ? key_lo(pos, mask_params) : 1;
-    row_hi[lq] = l0 + lq < L ? key_hi(pos, n_keys, mask_params) : 0;
-  }
-
-  // Keys of this threadgroup: its block, cut to what its queries can see.
-  const int l_last = min(l0 + LQ, L) - 1 - l0;
-  const int block_start = mask_params[4] + block * mask_params[5];
-  const int first = max(block_start, row_lo[0]);
-  const int last = min(block_start + mask_params[5] - 1, row_hi[l_last]);
-
+""" + da.KEY_RANGE + """
   // Load the queries: value j = i * E + e of a lane is d = (sub + LPK * i) * E + e.
   float qv[R][EL];
   float o[R][EL];
