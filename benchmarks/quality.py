@@ -1,7 +1,7 @@
 """Quality per sharing plan: naive and adapted held-out perplexity against KV reduction.
 
     python benchmarks/quality.py [--plans cla:2 yoco sandwich-top:15 echoatt:3 suggested:2 suggested:1.5]
-        [--layerwise-iters 12 --iters 18] [--out runs/quality] [--png benchmarks/quality.png]
+        [--layerwise-iters 12 --iters 18] [--out runs/quality] [--png benchmarks/quality.png] [--replot]
 
 Every plan gets the same adaptation budget and recipe, the one the shipped
 default model uses (weights/README.md): LoRA on the layers the plan changed,
@@ -68,28 +68,40 @@ def adapt(model: str, plan: str, out: Path, args) -> dict:
     return dict(tokens=result.tokens, wall_min=(time.perf_counter() - tic) / 60, cpu_min=(time.process_time() - cpu) / 60)
 
 
+def print_table(rows, original):
+    print("\n| plan | KV reduction | naive ppl | adapted ppl | vs original | training tokens | wall min |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| original | 1.00x | {original:.2f} | - | 1.000x | - | - |")
+    for r in rows:
+        print(f"| {r['name']} | {r['kv_reduction']:.2f}x | {r['naive']:,.1f} | {r['adapted']:.2f} | "
+              f"{r['adapted'] / original:.3f}x | {r['tokens']:,} | {r['wall_min']:.1f} |")
+
+
 def plot(rows, original, path: Path):
+    """One bar pair per plan (naive, adapted) on a log axis: several plans share
+    a KV reduction, so a scatter against reduction would stack their labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
-        ax.annotate("", xy=(r["kv_reduction"], r["adapted"]), xytext=(r["kv_reduction"], r["naive"]),
-                    arrowprops=dict(arrowstyle="->", color="0.6"))
-        ax.scatter([r["kv_reduction"]], [r["naive"]], marker="x", color="0.5")
-        ax.scatter([r["kv_reduction"]], [r["adapted"]], s=40)
-        ax.annotate(r["name"], (r["kv_reduction"], r["adapted"]), textcoords="offset points", xytext=(6, -3), fontsize=8)
-    ax.axhline(original, color="k", lw=1, label=f"original {original:.2f}")
-    ax.axhline(original * 1.10, color="g", ls="--", lw=1, label="goal at 2x: +10%")
-    ax.axhline(original * 1.03, color="b", ls=":", lw=1, label="goal at 1.5x: +3%")
-    ax.set_yscale("log")
-    ax.set_xlabel("KV-cache reduction (x)")
-    ax.set_ylabel("held-out perplexity (log)")
+    rows = sorted(rows, key=lambda r: (-r["kv_reduction"], r["adapted"]))
+    y = range(len(rows))
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.6))
+    ax.barh([i + 0.2 for i in y], [r["naive"] for r in rows], height=0.4, color="0.8", label="naive conversion")
+    ax.barh([i - 0.2 for i in y], [r["adapted"] for r in rows], height=0.4, color="tab:blue", label="adapted")
+    for i, r in zip(y, rows):
+        ax.annotate(f"{r['adapted']:.1f}", (r["adapted"], i - 0.2), textcoords="offset points", xytext=(3, -3), fontsize=7)
+    ax.set_yticks(list(y), [f"{r['name']} ({r['kv_reduction']:.2f}x)" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(original, color="k", lw=1, label=f"original {original:.2f}")
+    ax.axvline(original * 1.10, color="g", ls="--", lw=1, label="goal at 2x: +10%")
+    ax.axvline(original * 1.03, color="b", ls=":", lw=1, label="goal at 1.5x: +3%")
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out perplexity (log)")
     tokens = rows[0]["tokens"] if rows else 0
-    ax.set_title(f"naive (x) -> adapted (dot), {tokens:,} training tokens each")
-    ax.legend(fontsize=8)
+    ax.set_title(f"naive vs adapted, {tokens:,} training tokens per plan")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -110,8 +122,14 @@ def main():
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 512 targets (16 = the standard protocol)")
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--png", default="benchmarks/quality.png")
+    parser.add_argument("--replot", action="store_true", help="measure nothing: reprint the table and redraw the PNG from OUT/quality.json")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.replot:
+        finished = json.loads((out / "quality.json").read_text())
+        print_table(finished["rows"], finished["original"])
+        plot(finished["rows"], finished["original"], Path(args.png))
+        return
 
     print(f"model {args.model}; every plan: LoRA rank {args.lora_rank}, {args.layerwise_iters} layer-wise steps "
           f"(lr {args.layerwise_learning_rate}) + {args.iters - args.layerwise_iters} KD steps (lr {args.learning_rate}), "
@@ -140,12 +158,7 @@ def main():
         print(f"  adapted {row['adapted']:.2f} after {row['tokens']:,} tokens, {row['wall_min']:.1f} min", flush=True)
         del model
 
-    print(f"\n| plan | KV reduction | naive ppl | adapted ppl | vs original | training tokens | wall min |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| original | 1.00x | {original_ppl:.2f} | - | 1.000x | - | - |")
-    for r in rows:
-        print(f"| {r['name']} | {r['kv_reduction']:.2f}x | {r['naive']:,.1f} | {r['adapted']:.2f} | "
-              f"{r['adapted'] / original_ppl:.3f}x | {r['tokens']:,} | {r['wall_min']:.1f} |")
+    print_table(rows, original_ppl)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(dict(original=original_ppl, rows=rows, settings=vars(args)), indent=2))
     plot(rows, original_ppl, Path(args.png))

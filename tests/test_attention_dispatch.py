@@ -27,6 +27,7 @@ HEAD_DIM_64 = dict(head_dim=64)  # the tiny llama's own head dim (16) is below t
 @pytest.fixture(autouse=True)
 def clean_dispatch(monkeypatch):
     monkeypatch.delenv(dispatch.ENV, raising=False)
+    dispatch.reset_usage()  # earlier test files ran attention too
     yield
     dispatch.set_mode(None)
     dispatch.set_factory(None)
