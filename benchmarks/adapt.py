@@ -13,7 +13,6 @@ reference), the curve to look at when the goal is not reached.
 """
 
 import argparse
-import math
 import platform
 import time
 
@@ -23,12 +22,8 @@ import mlx.core as mx
 from echo_mlx import adapters, blas
 from echo_mlx.api import load
 from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import mean_nll
+from echo_mlx.evaluate import perplexity
 from echo_mlx.finetune import FinetuneArgs, finetune
-
-
-def perplexity(model, windows):
-    return math.exp(mean_nll(model, windows))
 
 
 def main():

@@ -21,7 +21,6 @@ the original model as a line, the issue's goals marked).
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -32,15 +31,11 @@ import mlx.core as mx
 from echo_mlx import adapters, blas
 from echo_mlx.api import load
 from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import mean_nll
+from echo_mlx.evaluate import perplexity
 from echo_mlx.finetune import FinetuneArgs, finetune
 from echo_mlx.plans import SharingPlan
 
 DEFAULT_PLANS = ["cla:2", "yoco", "sandwich-top:15", "echoatt:3", "suggested:2", "suggested:1.5"]
-
-
-def perplexity(model, windows) -> float:
-    return math.exp(mean_nll(model, windows))
 
 
 def resolve(text: str, model: str) -> str:

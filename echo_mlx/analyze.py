@@ -274,18 +274,13 @@ def heldout(tokenizer, count: int, length: int) -> List[List[int]]:
     return heldout_windows(builtin_tokens(tokenizer), count=count, length=length + 1)
 
 
-def perplexity(model, windows) -> float:
-    from .evaluate import mean_nll
-
-    return math.exp(mean_nll(model, windows))
-
-
 def evaluate_candidates(src, found: Sequence[Candidate], windows, *, kv_init: str = "own", progress: bool = False) -> List[Candidate]:
     """Convert each candidate naively from the loaded source (echo_mlx.sources.SourceModel) and
     measure its perplexity on ``windows``; lowest first."""
     from tqdm import tqdm
 
     from .convert import shared_model
+    from .evaluate import perplexity
 
     ranked = []
     for c in tqdm(found, desc="evaluate", unit="plan", disable=not progress, leave=False):
@@ -330,6 +325,7 @@ def analyze(
     from . import checkpoint
     from .convert import KV_INIT, shared_model
     from .corpus import builtin_tokens, split
+    from .evaluate import perplexity
     from .sources import load_source
 
     check_target_reduction(target_reduction)  # before the model loads; the upper bound needs L

@@ -130,13 +130,14 @@ def _load_model(model: str, plan: Optional[str], adapter_path: Optional[str]):
     from .api import load
 
     if plan is None and model == "default" and adapter_path is None and shipped.available():
-        card = shipped.verify()
+        loaded = shipped.load()  # weights/: the default model adapted to its sharing plan (checksum verified)
+        card = shipped.read_card()
         r = card["results"]
         # stderr: piped output stays the reply alone.
         typer.echo(f"shipped model {shipped.SHIPPED.name}: plan {card['plan']} ({card['kv_reduction']:.2f}x smaller KV cache), "
                    f"held-out perplexity {r['adapted_ppl']:.2f} (original {r['original_ppl']:.2f}); --plan none runs the original",
                    err=True)
-        return shipped.load()  # weights/: the default model adapted to its sharing plan
+        return loaded
     model_, tokenizer = load(model, plan=plan or "none")
     if adapter_path is not None:
         from . import adapters

@@ -24,6 +24,9 @@ def mean_nll(model, windows, batch_size: int = 4) -> float:
     return total / count
 
 
-def heldout_perplexity(model, tokenizer, windows=None, batch_size: int = 4) -> float:
-    windows = windows or heldout_windows(builtin_tokens(tokenizer))
+def perplexity(model, windows, batch_size: int = 4) -> float:
     return math.exp(mean_nll(model, windows, batch_size))
+
+
+def heldout_perplexity(model, tokenizer, windows=None, batch_size: int = 4) -> float:
+    return perplexity(model, windows or heldout_windows(builtin_tokens(tokenizer)), batch_size)

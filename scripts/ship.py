@@ -10,7 +10,6 @@ figure on the card is measured here or read from the run's own metrics.
 
 import argparse
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 from echo_mlx import adapters, shipped
 from echo_mlx.api import load
 from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import mean_nll
+from echo_mlx.evaluate import perplexity
 from echo_mlx.plans import SharingPlan
 
 
@@ -43,7 +42,7 @@ def main():
 
     original, tokenizer = load("default", plan="none")
     windows = heldout_windows(builtin_tokens(tokenizer))
-    ppl = lambda m: math.exp(mean_nll(m, windows))
+    ppl = lambda m: perplexity(m, windows)
     original_ppl = ppl(original)
     model, _ = load("default", plan=args.plan_name, kv_init=kv_init)
     plan = SharingPlan.parse(args.plan_name, len(model.layers))
