@@ -19,9 +19,10 @@ projects into its own basis, the very mismatch a naively converted consumer
 meets, and the score only loosely predicts naive perplexity. So
 ``--evaluate N`` converts the N best-scoring candidates (this plan, the K-only
 and V-only ones, the bottom presets with as many K/V layers) naively and
-ranks them by held-out perplexity on a quick protocol: fewer, shorter windows
-than echo_mlx.evaluate's 16 x 512 (same corpus half; its numbers compare only
-among themselves); the lowest becomes the suggestion.
+ranks them by perplexity on validation text (the built-in corpus's validation
+part, in the training half: a choice made on held-out text would bias the
+held-out figure of what it chose); the lowest becomes the suggestion.
+``--search`` (echo_mlx.search) replaces similarity by measured damage.
 """
 
 import json
@@ -265,13 +266,17 @@ def candidates(sim: Similarity, target_reduction: float) -> List[Candidate]:
 
 
 # ---- evaluation -------------------------------------------------------------------
-def heldout(tokenizer, count: int, length: int) -> List[List[int]]:
-    """The quick protocol: ``count`` windows of ``length`` scored tokens over the held-out half."""
-    from .corpus import builtin_tokens, heldout_windows
+def ranking_windows(tokenizer, count: int, length: int) -> List[List[int]]:
+    """``count`` windows of ``length`` scored tokens from the built-in corpus's validation part."""
+    from .corpus import validation_windows
 
     if count < 2 or length < 1:
         raise EchoError(f"--eval-windows {count} / --eval-length {length}: use at least 2 windows of at least 1 token")
-    return heldout_windows(builtin_tokens(tokenizer), count=count, length=length + 1)
+    found = validation_windows(tokenizer, length + 1)
+    if len(found) < count:
+        raise EchoError(f"the validation part holds {len(found)} windows of {length} scored tokens, fewer than "
+                        f"--eval-windows {count}: lower --eval-windows or --eval-length")
+    return found[:count]
 
 
 def evaluate_candidates(src, found: Sequence[Candidate], windows, *, kv_init: str = "own", progress: bool = False) -> List[Candidate]:
@@ -343,7 +348,7 @@ def analyze(
     tokens = builtin_tokens(src.tokenizer) if text is None else src.tokenizer.encode(text, add_special_tokens=False)
     tokens = split(tokens)[0] if text is None else tokens
     windows = calibration_windows(tokens, window, num_windows, described)
-    test_windows = heldout(src.tokenizer, eval_windows, eval_length) if evaluate else None
+    test_windows = ranking_windows(src.tokenizer, eval_windows, eval_length) if evaluate else None
 
     unshared, _ = shared_model(src.config, src.weights, SharingPlan.parse("none", L), source=src.source)
     sim = similarity(unshared, windows, progress=progress)
@@ -353,7 +358,7 @@ def analyze(
         ranking = evaluate_candidates(src, candidates(sim, target_reduction)[:evaluate], test_windows,
                                       kv_init=kv_init, progress=progress)
         result.evaluation = {
-            "protocol": f"built-in corpus, held-out half: {eval_windows} windows of {eval_length} scored tokens, no BOS",
+            "protocol": f"built-in corpus, validation part: {eval_windows} windows of {eval_length} scored tokens, no BOS",
             "kv_init": kv_init,
             "baseline_perplexity": perplexity(unshared, test_windows),
             "ranking": [c.to_json() for c in ranking],
@@ -365,16 +370,11 @@ def analyze(
 
 def _calibration_text(path: Optional[str]):
     """(text or None for the built-in corpus, a description for messages and the report)."""
+    from .corpus import read_text_file
+
     if path is None:
         return None, "built-in corpus, training half"
-    try:
-        return Path(path).read_text(encoding="utf-8"), f"calibration file {path}"
-    except FileNotFoundError:
-        raise EchoError(f"calibration file {path} does not exist: pass a UTF-8 text file to --calibration")
-    except UnicodeDecodeError as e:
-        raise EchoError(f"calibration file {path} is not UTF-8 text (byte {e.start}): convert it or pass another file")
-    except OSError as e:
-        raise EchoError(f"cannot read calibration file {path} ({e.strerror}): pass a readable UTF-8 text file")
+    return read_text_file(path, "--calibration"), f"calibration file {path}"
 
 
 # ---- output ---------------------------------------------------------------------

@@ -31,7 +31,10 @@ def convert(
     model: str = typer.Option("default", "--model", "--hf-path", help="Source: 'default' (SmolLM2-135M), a .gguf file, a Hugging Face or mlx-lm directory, or a hub id."),
     plan: str = typer.Option("none", help="Sharing plan: a preset (see `echo-mlx plans`) or a string like 0_0_2_2."),
     out: str = typer.Option(..., "--out", "--mlx-path", help="Directory to write the echo checkpoint to."),
-    kv_init: str = typer.Option("own", help="Producer K/V weights: 'own' or 'mean' of the layers sharing them."),
+    kv_init: str = typer.Option("own", help="'own': producers keep their K/V weights; 'mean': the mean of the layers sharing them; 'fit': 'own', then every changed layer fitted to the original on calibration text (minutes)."),
+    calibration: Optional[Path] = typer.Option(None, help="--kv-init fit: UTF-8 text to fit on (default: the built-in corpus's training part)."),
+    calibration_tokens: int = typer.Option(24576, help="--kv-init fit: calibration tokens (whole windows of 512)."),
+    ridge: float = typer.Option(1e-3, help="--kv-init fit: relative ridge strength of the least-squares solves."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights (affine)."),
     q_bits: int = typer.Option(4, help="Bits per weight when quantizing."),
     q_group_size: int = typer.Option(64, help="Group size when quantizing."),
@@ -41,11 +44,15 @@ def convert(
 ):
     """Convert a pretrained LLaMA into an echo checkpoint with a sharing plan."""
     from .convert import convert as run
+    from .fit import FitOptions
 
+    fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge) if kv_init == "fit" else None
+    if kv_init != "fit" and calibration is not None:
+        raise EchoError("--calibration is for --kv-init fit: add --kv-init fit or drop --calibration")
     *_, summary = run(
         model, plan, kv_init=kv_init, quantize=quantize, q_bits=q_bits,
         q_group_size=q_group_size, dtype=dtype, out=out, force=force,
-        revision=revision, progress=True,
+        revision=revision, calibration=calibration, fit_options=fit_options, progress=True,
     )
     for line in summary.lines():
         typer.echo(line)
@@ -274,9 +281,9 @@ def cache_prompt(
 def finetune(
     model: Optional[str] = typer.Option(None, help="An echo checkpoint, or a source model with --plan (default: 'default')."),
     plan: Optional[str] = typer.Option(None, help="Target sharing plan (default: the checkpoint's)."),
-    kv_init: Optional[str] = typer.Option(None, help="Producer K/V init when converting: own | mean."),
+    kv_init: Optional[str] = typer.Option(None, help="Producer K/V init when converting: own | mean | fit (fitted to the original on the built-in corpus, minutes)."),
     teacher: Optional[str] = typer.Option(None, help="'default' (the model the checkpoint was converted from), a source model, or 'none'."),
-    data: Optional[str] = typer.Option(None, help="mlx-lm data dir (train/valid.jsonl); default: the built-in corpus."),
+    data: Optional[str] = typer.Option(None, help="mlx-lm data dir (train/valid.jsonl), or 'corpus' / 'chat' for one built-in set; default: the built-in corpus and chat set."),
     fine_tune_type: Optional[str] = typer.Option(None, help="lora | dora | full."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
     batch_size: Optional[int] = typer.Option(None),
@@ -361,22 +368,34 @@ def plot(run: Path = typer.Argument(..., help="A finetune --adapter-path."), out
 @app.command()
 def analyze(
     model: str = typer.Option("default", "--model", help="The original (unshared) model: 'default', a .gguf, an HF/mlx-lm directory or a hub id."),
-    out: Path = typer.Option(Path("analysis"), help="Directory for similarity_{k,v,attention}.png and report.json."),
+    out: Path = typer.Option(Path("analysis"), help="Directory for the report and its plots."),
     calibration: Optional[Path] = typer.Option(None, help="UTF-8 text file to calibrate on (default: the built-in corpus's training half)."),
-    window: int = typer.Option(256, help="Tokens per calibration window."),
+    search: bool = typer.Option(False, "--search", help="Search plans by measured damage: fit every (consumer, producer) pair within --reach and score it by KL to the original (minutes)."),
+    target_reduction: List[float] = typer.Option([], help="KV-cache reduction(s) to propose a plan for (repeatable): floor(L / R) layers keep K/V. Default: 2, or 1.25, 1.5 and 2 with --search."),
+    window: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 256; 512 with --search)."),
     num_windows: int = typer.Option(8, help="Calibration windows, spread evenly over the text."),
-    target_reduction: float = typer.Option(2.0, help="KV-cache reduction the suggested plan must reach: floor(L / R) layers keep K/V."),
-    evaluate: int = typer.Option(0, help="Convert the N best-scoring candidate plans naively and rank them by held-out perplexity."),
+    evaluate: int = typer.Option(0, help="Convert the N best-scoring candidate plans naively and rank them by validation perplexity."),
     kv_init: str = typer.Option("own", help="Producer K/V weights of the evaluated plans: 'own' or 'mean'."),
-    eval_windows: int = typer.Option(4, help="--evaluate: held-out windows (a quicker protocol than the 16 x 512 of the README's table)."),
-    eval_length: int = typer.Option(256, help="--evaluate: scored tokens per held-out window."),
+    eval_windows: int = typer.Option(4, help="--evaluate: validation windows (built-in corpus, training half's validation part)."),
+    eval_length: int = typer.Option(256, help="--evaluate: scored tokens per validation window."),
+    reach: int = typer.Option(3, help="--search: a consumer may read any of the this many layers below it."),
+    calibration_tokens: int = typer.Option(4096, help="--search: tokens each pair is fitted on."),
+    score_tokens: int = typer.Option(2048, help="--search: further tokens each fitted pair is scored on (KL to the original)."),
+    ridge: float = typer.Option(1e-3, help="--search: relative ridge strength of the fits."),
 ):
-    """Measure how alike the layers' K, V and attention are, and suggest which layers should share K/V."""
+    """Which layers should share K/V: layer similarity and a suggested plan, or (--search) plans by measured damage."""
+    if search:
+        return _search(model, out, calibration, target_reduction or [1.25, 1.5, 2.0], window or 512, reach,
+                       calibration_tokens, score_tokens, ridge)
     from .analyze import analyze as run, write_report
 
+    window = window or 256
+    target_reduction = target_reduction or [2.0]
+    if len(target_reduction) > 1:
+        raise EchoError("one --target-reduction at a time without --search: add --search to propose several")
     result = run(
         model, calibration=calibration, window=window, num_windows=num_windows,
-        target_reduction=target_reduction, evaluate=evaluate, kv_init=kv_init,
+        target_reduction=target_reduction[0], evaluate=evaluate, kv_init=kv_init,
         eval_windows=eval_windows, eval_length=eval_length, progress=True,
     )
     paths = write_report(out, result)
@@ -394,6 +413,36 @@ def analyze(
         for c in e["ranking"]:
             typer.echo(f"{c['perplexity']:>12.2f}  {c['kv_reduction']:>6.2f}x  {c['score']:>6.3f}  {c['plan']:<{width}}  {c['name']}")
     typer.echo(f"wrote {', '.join(p.name for p in paths)} to {out}")
+
+
+def _search(model, out, calibration, reductions, window, reach, calibration_tokens, score_tokens, ridge):
+    import json
+
+    from .fit import FitOptions
+    from .search import plot_frontier, run
+
+    result = run(model, reductions=reductions, reach=reach, calibration=calibration, window=window,
+                 calibration_tokens=calibration_tokens, score_tokens=score_tokens,
+                 options=FitOptions(ridge=ridge), progress=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EchoError(f"cannot create --out {out} ({e.strerror}): choose another directory")
+    (out / "search.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    plot_frontier(result, out / "frontier.png")
+    s = result.settings
+    typer.echo(f"{len(result.damage)} (consumer, producer) pairs within {reach} layers, each fitted on {s['fit_tokens']:,} "
+               f"tokens and scored by KL to the original on {s['score_tokens']:,} more ({s['calibration']}); "
+               f"{result.minutes:.1f} minutes")
+    typer.echo(f"perplexity on {s['validation']}; original {s['original_ppl']:.2f}")
+    typer.echo(f"{'reduction':>9}  {'KL sum':>7}  {'KL':>7}  {'naive ppl':>10}  {'fitted ppl':>10}  plan")
+    for r in result.plans:
+        typer.echo(f"{r['kv_reduction']:>8.2f}x  {r['predicted_kl']:>7.3f}  {r['kl']:>7.3f}  {r['naive_ppl']:>10.1f}  "
+                   f"{r['fitted_ppl']:>10.2f}  {r['plan']}")
+    best = result.plans[-1]["plan"] if result.plans else None
+    if best:
+        typer.echo(f"echo-mlx convert --model {model} --plan {best} --kv-init fit --out echo-searched")
+    typer.echo(f"wrote search.json, frontier.png to {out}")
 
 
 def main(argv=None):

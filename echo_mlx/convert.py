@@ -5,7 +5,9 @@ producer's W_K/W_V (and biases) are either its own (``--kv-init own``) or the
 mean over the layers that will attend to it (``--kv-init mean``, the MLKV /
 cross-layer-study initialisation; no head alignment). EchoAtt layers drop
 their q/k projections and keep their own V (the student inherits the rest,
-as in the EchoAtt paper).
+as in the EchoAtt paper). ``--kv-init fit`` starts from ``own`` and then
+fits every changed layer to the original model on calibration text
+(echo_mlx.fit): the result is an ordinary echo checkpoint.
 """
 
 import platform
@@ -24,7 +26,7 @@ from .errors import EchoError
 from .model import Model, ModelArgs
 from .plans import SharingPlan
 
-KV_INIT = ("own", "mean")
+KV_INIT = ("own", "mean", "fit")
 DTYPES = ("float32", "float16", "bfloat16")
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -42,6 +44,7 @@ def share_kv_weights(weights: dict, plan: SharingPlan, kv_init: str) -> dict:
     """Drop consumers' k/v projections; set each producer's from ``kv_init``."""
     if kv_init not in KV_INIT:
         raise EchoError(f"unknown --kv-init {kv_init!r}: use one of {', '.join(KV_INIT)}")
+    kv_init = "own" if kv_init == "fit" else kv_init
     out = {k: v for k, v in weights.items() if not _is_kv(k)}
     for producer, group in plan.groups().items():
         for proj in ("k_proj", "v_proj"):
@@ -85,9 +88,34 @@ def build_model(config: dict, weights: dict) -> Model:
 
 
 def shared_model(config: dict, weights: dict, plan: SharingPlan, *, kv_init: str = "own", source: str = ""):
-    """(echo model, echo config) from an unshared llama's config and weights."""
+    """(echo model, echo config) from an unshared llama's config and weights
+    (``kv_init`` "fit" gives the unfitted start: see fitted_model)."""
     echo = echo_config(config, plan, source=source, kv_init=kv_init)
     return build_model(echo, share_kv_weights(weights, plan, kv_init)), echo
+
+
+def unshared_model(src):
+    """The source as an unshared echo model: the teacher of a fit or a finetune."""
+    L = src.config["num_hidden_layers"]
+    teacher, _ = shared_model(src.config, src.weights, SharingPlan.parse("none", L), source=src.source)
+    teacher.freeze()
+    return teacher
+
+
+def fitted_model(src, plan: SharingPlan, *, calibration: Optional[str] = None, options=None,
+                 teacher=None, cal=None, progress: bool = False):
+    """(echo model, echo config): ``plan`` converted from ``src`` (float32) and fitted to
+    the original on calibration text (default: the built-in corpus's training part).
+    ``cal``: an echo_mlx.fit.Calibration of these windows already computed (reused across plans)."""
+    from . import fit
+
+    options = (options or fit.FitOptions()).checked()
+    windows, described = fit.calibration(src.tokenizer, calibration, options)
+    model, config = shared_model(src.config, src.weights, plan, kv_init="fit", source=src.source)
+    teacher = teacher or (cal.teacher if cal else unshared_model(src))
+    report = fit.fit_model(model, teacher, windows, options, described, progress=progress, cal=cal)
+    config["echo"]["fit"] = report.to_json()
+    return model, config
 
 
 @dataclass
@@ -140,9 +168,14 @@ def convert(
     out=None,
     force: bool = False,
     revision: Optional[str] = None,
+    calibration: Optional[str] = None,
+    fit_options=None,
     progress: bool = False,
 ):
-    """Convert a source model; write it to ``out`` if given. Returns (model, tokenizer, config, summary)."""
+    """Convert a source model; write it to ``out`` if given. Returns (model, tokenizer, config, summary).
+
+    ``kv_init="fit"`` fits the changed layers on ``calibration`` (a UTF-8 text file;
+    default: the built-in corpus's training part) with ``fit_options`` (echo_mlx.fit.FitOptions)."""
     if dtype is not None and dtype not in DTYPES:
         raise EchoError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if quantize and q_bits not in Q_BITS:
@@ -153,17 +186,34 @@ def convert(
         raise EchoError(f"unknown --kv-init {kv_init!r}: use one of {', '.join(KV_INIT)}")
     if out is not None and Path(out).exists() and not force:
         raise EchoError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if kv_init == "fit" and checkpoint.is_echo_checkpoint(model):
+        source = checkpoint.load_config(model).get("echo", {}).get("source", "the model it was converted from")
+        raise EchoError(
+            f"{model} is an echo checkpoint, so no unshared original can run as the fit's teacher: "
+            f"convert from its source ({source}) with --kv-init fit"
+        )
 
     from .sources import load_source
 
     # Validate everything a user can get wrong before the progress bar starts,
     # so an error is one clean line.
     target_dtype = dtype or default_dtype()
-    src = load_source(model, dtype=target_dtype or "float32", revision=revision)
+    # The fit runs in float32 (its sums would lose the small differences it fits in float16).
+    src = load_source(model, dtype="float32" if kv_init == "fit" else target_dtype or "float32", revision=revision)
     sharing = SharingPlan.parse(plan, src.config["num_hidden_layers"])
+    if kv_init == "fit":
+        from .fit import FitOptions
+
+        (fit_options or FitOptions()).checked()
 
     steps = tqdm(total=3, desc="convert", disable=not progress, unit="step", leave=False)
-    echo_model, config = shared_model(src.config, src.weights, sharing, kv_init=kv_init, source=src.source)
+    if kv_init == "fit":
+        echo_model, config = fitted_model(src, sharing, calibration=calibration, options=fit_options, progress=progress)
+        cast = target_dtype or ("float32" if src.source_dtype == "quantized" else src.source_dtype)
+        if cast != "float32":
+            echo_model.set_dtype(getattr(mx, cast))
+    else:
+        echo_model, config = shared_model(src.config, src.weights, sharing, kv_init=kv_init, source=src.source)
     params_after = sum(v.size for _, v in tree_flatten(echo_model.parameters()))  # before any quantization
     steps.update()
 

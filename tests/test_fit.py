@@ -1,0 +1,236 @@
+"""Calibrated conversion (echo_mlx.fit, `convert --kv-init fit`) on a tiny random llama."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from echo_mlx import checkpoint
+from echo_mlx.convert import shared_model, unshared_model
+from echo_mlx.errors import EchoError
+from echo_mlx.fit import (Calibration, FitOptions, assign_heads, fit_layer, fit_model, fold_complex_scale,
+                          fold_value_maps, key_scales, rope_pairs, value_maps)
+from echo_mlx.plans import SharingPlan
+from echo_mlx.sources import load_source
+
+from test_convert import cli_error
+
+
+def models(source, plan, dtype=mx.float32):
+    src = load_source(source)
+    teacher = unshared_model(src)
+    student, _ = shared_model(src.config, src.weights, SharingPlan.parse(plan, 6))
+    teacher.set_dtype(dtype)
+    student.set_dtype(dtype)
+    return teacher, student
+
+
+def windows(count=4, length=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 300, (count, length)).tolist()
+
+
+def kl(teacher, student, wins) -> float:
+    tokens = mx.array(wins)
+    logp = teacher(tokens)
+    logq = student(tokens)
+    logp, logq = (a - mx.logsumexp(a, axis=-1, keepdims=True) for a in (logp, logq))
+    return (mx.exp(logp) * (logp - logq)).sum(-1).mean().item()
+
+
+def rope(x, traditional, offset):
+    return mx.fast.rope(x, x.shape[-1], traditional=traditional, base=10000.0, scale=1.0, offset=offset)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_a_folded_complex_scale_scores_like_the_scaled_keys_at_every_distance(traditional):
+    # q' = fold(W_q, c) x against k equals q = W_q x against c * k, after RoPE at any positions.
+    rng = np.random.default_rng(1)
+    D, d_in, T = 16, 24, 12
+    pairs = rope_pairs(D, traditional)
+    w_q, x = rng.normal(size=(D, d_in)), rng.normal(size=(T, d_in))
+    c = rng.normal(size=D // 2) + 1j * rng.normal(size=D // 2)
+    k = rng.normal(size=(T, D))
+    ck = np.empty_like(k)
+    ck_complex = c * (k[:, pairs[0]] + 1j * k[:, pairs[1]])
+    ck[:, pairs[0]], ck[:, pairs[1]] = ck_complex.real, ck_complex.imag
+    as_rope = lambda a, offset: rope(mx.array(a, dtype=mx.float64)[None, None], traditional, offset)[0, 0]
+    q_folded = as_rope(x @ fold_complex_scale(w_q, c, pairs).T, 0)
+    q_plain = as_rope(x @ w_q.T, 0)
+    for offset in (0, 5, 37):  # keys at other absolute positions: any query-key distance
+        folded = q_folded @ as_rope(k, offset).T
+        mapped = q_plain @ as_rope(ck, offset).T
+        assert folded.dtype == mx.float64
+        assert np.abs(np.array(folded - mapped)).max() < 1e-10 * np.abs(np.array(mapped)).max()
+
+
+def test_the_fitted_queries_equal_the_original_queries_against_mapped_producer_keys(six_layer_source):
+    # Model level, float64: after the key fit, layer 4's queries against producer 3's keys equal
+    # the teacher's queries (head order[j] in slot j) against c * keys, within 1e-5.
+    teacher, student = models(six_layer_source, "echo:4", mx.float64)
+    cal = Calibration(teacher, windows(), batch=2)
+    scale = key_scales(student, cal, 4)
+    info = fit_layer(student, cal, 4, FitOptions(parts=("keys", "heads")))
+    order = info["head_order"]
+    attn, t_attn = student.layers[4].self_attn, teacher.layers[4].self_attn
+    rows = cal.chunks()[0]
+    x = cal.x(student, 4, rows)
+    B, T, _ = x.shape
+    heads = lambda a, n: a.reshape(B, T, n, -1).transpose(0, 2, 1, 3)
+    keys = heads(student.layers[3].self_attn.k_proj(cal.x(student, 3, rows)), 2)  # pre-RoPE
+    pairs = rope_pairs(16, attn.rope.traditional)
+    q_new = attn.rope(heads(attn.q_proj(x), 4), offset=0)
+    q_old = t_attn.rope(heads(t_attn.q_proj(x), 4), offset=0)
+    G = 2
+    for j, h in enumerate(order):
+        b = j // G  # slot j reads producer kv head j // G
+        kp = np.array(keys[:, b])
+        mapped = scale[h // G, b] * (kp[..., pairs[0]] + 1j * kp[..., pairs[1]])
+        ck = np.empty_like(kp)
+        ck[..., pairs[0]], ck[..., pairs[1]] = mapped.real, mapped.imag
+        got = q_new[:, j] @ attn.rope(keys[:, b], offset=0).swapaxes(-1, -2)
+        want = q_old[:, h] @ attn.rope(mx.array(ck, dtype=mx.float64), offset=0).swapaxes(-1, -2)
+        assert got.dtype == mx.float64
+        assert np.abs(np.array(got - want)).max() < 1e-5
+
+
+def test_a_folded_value_map_equals_applying_it_to_the_producers_values(six_layer_source):
+    # parts keys + heads + values: o_proj'(P V_p) == o_proj(P (V_p B) per head), in float64.
+    teacher, student = models(six_layer_source, "echo:4", mx.float64)
+    cal = Calibration(teacher, windows(), batch=2)
+    info = fit_layer(student, cal, 4, FitOptions(parts=("keys", "heads", "values")))
+    order = info["head_order"]
+    attn = student.layers[4].self_attn
+    # The maps the fit folded in, recomputed with the o_proj it started from (maps read head outputs only).
+    maps = value_maps(student, cal, 4, order, FitOptions().ridge)
+    rows = cal.chunks()[0]
+    x = cal.x(student, 4, rows)
+    kv = cal.kv_for(student, 4, rows)
+    got = attn(x, cal.mask(student, 4), None, dict(kv), 0)
+    from echo_mlx.fit import _head_outputs
+
+    outs = _head_outputs(attn, x, cal.mask(student, 4), dict(kv)).reshape(*x.shape[:2], 4, 16)
+    w_o = np.array(teacher.layers[4].self_attn.o_proj.weight)
+    want = sum(np.array(outs[:, :, j]) @ maps[j] @ w_o.reshape(64, 4, 16)[:, h].T for j, h in enumerate(order))
+    assert np.abs(np.array(got) - want).max() < 1e-5
+    # and the fold itself, on any matrices
+    rng = np.random.default_rng(0)
+    w, m = rng.normal(size=(8, 3 * 4)), [rng.normal(size=(4, 4)) for _ in range(3)]
+    out = rng.normal(size=(5, 3, 4))
+    folded = out.reshape(5, -1) @ fold_value_maps(w, [2, 0, 1], m).T
+    direct = sum(out[:, j] @ m[j] @ w.reshape(8, 3, 4)[:, h].T for j, h in enumerate([2, 0, 1]))
+    assert np.abs(folded - direct).max() < 1e-10
+
+
+@pytest.mark.parametrize("plan", ["cla:2", "echo:4", "pizza-top:3", "0_1_2a1_3a1_4_5"])
+def test_fitting_lowers_the_calibration_kl_against_the_naive_conversion(six_layer_source, plan):
+    teacher, naive = models(six_layer_source, plan)
+    _, student = models(six_layer_source, plan)
+    cal_windows = windows(count=8)
+    report = fit_model(student, teacher, cal_windows, FitOptions(tokens=8 * 48, window=48, batch=4), "random tokens")
+    assert sorted(report.layers) == [i for i in range(6) if student.args.kv_sources[i] != i
+                                     or student.args.attention_sources[i] != i]
+    assert kl(teacher, student, cal_windows) < 0.7 * kl(teacher, naive, cal_windows)
+
+
+def test_fitting_an_unshared_model_changes_nothing(six_layer_source):
+    teacher, student = models(six_layer_source, "none")
+    before = dict(tree_flatten(student.parameters()))
+    report = fit_model(student, teacher, windows(), FitOptions(tokens=4 * 48, window=48), "random tokens")
+    after = dict(tree_flatten(student.parameters()))
+    assert report.layers == {}
+    assert all(mx.array_equal(before[k], after[k]) for k in before)
+
+
+def test_the_fit_is_deterministic(six_layer_source):
+    fitted = []
+    for _ in range(2):
+        teacher, student = models(six_layer_source, "cla:2")
+        fit_model(student, teacher, windows(), FitOptions(tokens=4 * 48, window=48), "random tokens")
+        fitted.append(dict(tree_flatten(student.parameters())))
+    assert all(mx.array_equal(fitted[0][k], fitted[1][k]) for k in fitted[0])
+
+
+def test_heads_are_assigned_at_least_cost_with_equal_groups():
+    rng = np.random.default_rng(3)
+    cost = rng.random((6, 3))
+    got = assign_heads(cost, 2)
+    assert sorted(got) == [0, 0, 1, 1, 2, 2]
+    import itertools
+
+    best = min(set(itertools.permutations([0, 0, 1, 1, 2, 2])), key=lambda p: cost[range(6), p].sum())
+    assert cost[range(6), got].sum() == pytest.approx(cost[range(6), best].sum())
+
+
+# ---- convert --kv-init fit ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory):
+    from fixtures import CORPUS
+
+    path = tmp_path_factory.mktemp("cal") / "notes.txt"
+    path.write_text("\n".join(CORPUS * 3))
+    return path
+
+
+def test_convert_kv_init_fit_writes_an_ordinary_checkpoint_with_its_provenance(six_layer_source, calibration_file, tmp_path):
+    from echo_mlx.cli import main
+
+    out = tmp_path / "fitted"
+    main(["convert", "--model", six_layer_source, "--plan", "cla:2", "--kv-init", "fit", "--calibration",
+          str(calibration_file), "--calibration-tokens", "1024", "--ridge", "0.01", "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    fit = config["echo"]["fit"]
+    assert config["echo"]["kv_init"] == "fit"
+    assert fit["ridge"] == 0.01 and fit["tokens"] == 1024 and str(calibration_file) in fit["calibration"]
+    assert sorted(map(int, fit["layers"])) == [1, 3, 5]
+    model, _, _ = checkpoint.load(out)
+    import mlx_lm
+
+    stock, _ = mlx_lm.load(str(out), trust_remote_code=True)
+    tokens = mx.array([windows(count=1)[0]])
+    assert mx.allclose(model(tokens), stock(tokens), atol=1e-5)
+    naive, _ = models(six_layer_source, "cla:2")[1], None
+    teacher = models(six_layer_source, "none")[0]
+    text = [w for w in windows(count=4, seed=9)]
+    assert kl(teacher, model, text) < kl(teacher, naive, text)
+
+
+def test_fit_errors_are_one_line(capsys, six_layer_source, calibration_file, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    base = ["convert", "--model", six_layer_source, "--plan", "cla:2", "--out", str(tmp_path / "x")]
+    err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(short)])
+    assert "tokens; the fit needs" in err and "--calibration" in err
+    for ridge in ("0", "-1", "nan"):
+        err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--ridge", ridge])
+        assert "--ridge" in err and "positive number" in err
+    err = cli_error(capsys, *base + ["--calibration", str(calibration_file)])
+    assert "--kv-init fit" in err
+
+
+def test_kv_init_fit_refuses_a_source_without_a_runnable_teacher(capsys, six_layer_source, tmp_path):
+    from echo_mlx.cli import main
+
+    shared = tmp_path / "shared"
+    main(["convert", "--model", six_layer_source, "--plan", "cla:2", "--out", str(shared)])
+    capsys.readouterr()
+    err = cli_error(capsys, *["convert", "--model", str(shared), "--plan", "cla:2", "--kv-init", "fit", "--out", str(tmp_path / "y")])
+    assert "echo checkpoint" in err and "teacher" in err and six_layer_source in err
+
+
+def test_finetune_can_start_from_a_fitted_conversion(six_layer_source, tmp_path):
+    import echo_mlx
+    from echo_mlx import adapters
+    from echo_mlx.finetune import FinetuneArgs, finetune
+
+    from fixtures import QUICK
+
+    finetune(FinetuneArgs(model=six_layer_source, plan="cla:2", kv_init="fit", iters=2, adapter_path=str(tmp_path / "run"),
+                          **QUICK))
+    model, _ = echo_mlx.load(six_layer_source, plan="cla:2", kv_init="fit")  # the same fit again: deterministic
+    adapters.apply(model, tmp_path / "run", six_layer_source)  # refused if the base differed
+    naive, _ = echo_mlx.load(six_layer_source, plan="cla:2")
+    with pytest.raises(EchoError, match="different base weights"):
+        adapters.apply(naive, tmp_path / "run", six_layer_source)

@@ -1,0 +1,67 @@
+"""Held-out text stays held out: no span of the measured windows in anything built-in that trains or chooses."""
+
+import pytest
+
+from echo_mlx import chat, corpus
+from echo_mlx.data import builtin_examples
+from echo_mlx.fit import FitOptions, calibration
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+@pytest.fixture(scope="module")
+def heldout_spans(tokenizer):
+    return corpus.spans(corpus.heldout_windows(corpus.builtin_tokens(tokenizer)))
+
+
+def leaks(sequences, forbidden):
+    return [s for s in sequences if corpus.spans([s]) & forbidden]
+
+
+def test_the_corpus_halves_do_share_text_so_the_check_is_not_vacuous(tokenizer, heldout_spans):
+    first, _ = corpus.split(corpus.builtin_tokens(tokenizer))
+    assert corpus.spans([first]) & heldout_spans  # pydoc topics repeat paragraphs across the halves
+
+
+@pytest.mark.parametrize("length", [64, 256, 512, 2048])
+def test_no_heldout_span_in_builtin_training_or_validation_data(tokenizer, heldout_spans, length):
+    train, valid = builtin_examples(tokenizer, length)
+    assert train and valid
+    assert not leaks([ids for ids, _ in train + valid], heldout_spans)
+
+
+@pytest.fixture(scope="module")
+def heldout_chat_spans(tokenizer):
+    return corpus.spans([ids[n:] for ids, n in chat.examples(tokenizer, "heldout")])
+
+
+def test_no_heldout_span_in_fit_calibration_or_choice_windows(tokenizer, heldout_spans, heldout_chat_spans):
+    windows, described = calibration(tokenizer, None, FitOptions(tokens=96 * 512))
+    assert len(windows) == 96 and "chat" in described
+    assert not leaks(windows, heldout_spans)
+    assert not leaks(windows, heldout_chat_spans)
+    assert not leaks(corpus.validation_windows(tokenizer), heldout_spans)
+    assert not leaks(corpus.validation_windows(tokenizer, 257), heldout_spans)
+
+
+def test_heldout_chat_prompts_are_in_no_other_split(tokenizer, heldout_chat_spans):
+    held = chat.records("heldout")
+    assert len(held) >= 30
+    other = {r["messages"][0]["content"] for r in chat.records("train") + chat.records("valid")}
+    assert not other & {r["messages"][0]["content"] for r in held}
+    train, valid = builtin_examples(tokenizer, 512)
+    assert not leaks([ids for ids, _ in train + valid], heldout_chat_spans)
+
+
+def test_cutting_spans_removes_every_occurrence_and_keeps_the_rest_in_order():
+    tokens = list(range(100)) + list(range(40, 60)) + list(range(200, 260))
+    forbidden = corpus.spans([list(range(45, 55))], n=8)
+    segments = corpus.without_spans(tokens, forbidden, n=8)
+    assert not corpus.spans(segments, n=8) & forbidden
+    kept = [t for s in segments for t in s]
+    assert kept == [t for t in tokens if not 45 <= t < 55]  # exactly the spans' tokens are gone
+    assert all(len(w) == 16 for w in corpus.windows(segments, 16))
+    assert not any(set(w) & set(range(45, 55)) for w in corpus.windows(segments, 16))
