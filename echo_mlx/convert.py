@@ -105,7 +105,7 @@ def unshared_model(src):
 def fitted_model(src, plan: SharingPlan, *, calibration: Optional[str] = None, options=None,
                  teacher=None, cal=None, progress: bool = False):
     """(echo model, echo config): ``plan`` converted from ``src`` (float32) and fitted to
-    the original on calibration text (default: the built-in corpus's training part).
+    the original on calibration text (default: the built-in training data, corpus and chat set).
     ``cal``: an echo_mlx.fit.Calibration of these windows already computed (reused across plans)."""
     from . import fit
 
