@@ -175,7 +175,7 @@ def convert(
     """Convert a source model; write it to ``out`` if given. Returns (model, tokenizer, config, summary).
 
     ``kv_init="fit"`` fits the changed layers on ``calibration`` (a UTF-8 text file;
-    default: the built-in corpus's training part) with ``fit_options`` (echo_mlx.fit.FitOptions)."""
+    default: the built-in training data, corpus and chat set) with ``fit_options`` (echo_mlx.fit.FitOptions)."""
     if dtype is not None and dtype not in DTYPES:
         raise EchoError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if quantize and q_bits not in Q_BITS:

@@ -94,6 +94,7 @@ class Models:
 
     def __init__(self, args: FinetuneArgs):
         self._sources = {}
+        self._original = None  # the unshared source, built once when stages are fitted
         self.checkpoint = args.model if checkpoint.is_echo_checkpoint(args.model) else None
         if self.checkpoint:
             config = checkpoint.load_config(self.checkpoint)
@@ -134,7 +135,7 @@ class Models:
         src = self._load_source(self.source)
         self.tokenizer = self.tokenizer or src.tokenizer
         if self.kv_init == "fit":  # every stage's plan fitted to the original (the same unshared model each time)
-            self._original = getattr(self, "_original", None) or unshared_model(src)
+            self._original = self._original or unshared_model(src)
             return fitted_model(src, plan, teacher=self._original, progress=True)[0]
         return shared_model(src.config, src.weights, plan, kv_init=self.kv_init, source=src.source)[0]
 
@@ -347,6 +348,19 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     tokens_at_start = tokens_seen
     last_good = None  # (step, trainable weights, optimizer state, tokens seen)
     started = time.perf_counter()
+
+    def validate(student, k, step, on_target, config_for_adapters, best):
+        """Validation cross-entropy at ``step``, logged; the adapters saved if they are the best so far."""
+        student.eval()
+        val = evaluate(student, ce_loss, valid, args, rank, size)
+        metrics.write(step=step, stage=k, val_loss=val, teacher_val_loss=teacher_val, tokens=tokens_seen)
+        bar.print(f"step {step:>5}  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
+        if on_target and main and (best is None or val < best["val_loss"]):
+            best = {"step": step, "val_loss": val}
+            adapters.save(run_dir, student, config_for_adapters)
+            best_file.write_text(json.dumps(best))
+        return best
+
     student = None
     try:
         for k, stage in enumerate(stages):
@@ -379,13 +393,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
             if valid and step == 0 and on_target:
                 # The start may already be the best weights (a fitted conversion is close to its
                 # teacher): score it, so no step that makes things worse is kept as "best".
-                val = evaluate(student, ce_loss, valid, args, rank, size)
-                metrics.write(step=0, stage=k, val_loss=val, teacher_val_loss=teacher_val, tokens=tokens_seen)
-                bar.print(f"step     0  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
-                if main:
-                    best = {"step": 0, "val_loss": val}
-                    adapters.save(run_dir, student, config_for_adapters)
-                    best_file.write_text(json.dumps(best))
+                best = validate(student, k, step, on_target, config_for_adapters, best)
             student.train()
             window_loss, window_tokens, window_time = 0.0, 0, 0.0
             while step < stage.last_step:
@@ -429,15 +437,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     bar.print(f"step {step:>5}  loss {window_loss / window_tokens:.4f}  {window_tokens / window_time:,.0f} tok/s")
                     window_loss, window_tokens, window_time = 0.0, 0, 0.0
                 if valid and (step % args.steps_per_eval == 0 or step == stage.last_step):
-                    student.eval()
-                    val = evaluate(student, ce_loss, valid, args, rank, size)
+                    best = validate(student, k, step, on_target, config_for_adapters, best)
                     student.train()
-                    metrics.write(step=step, stage=k, val_loss=val, teacher_val_loss=teacher_val, tokens=tokens_seen)
-                    bar.print(f"step {step:>5}  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
-                    if on_target and main and (best is None or val < best["val_loss"]):
-                        best = {"step": step, "val_loss": val}
-                        adapters.save(run_dir, student, config_for_adapters)
-                        best_file.write_text(json.dumps(best))
                 if main and (step % args.save_every == 0 or step == args.iters):
                     _save(run_dir, *last_good, args, config)
                 if stop_after is not None and step >= stop_after:
