@@ -145,8 +145,14 @@ def search(src, teacher, fit_windows, score_windows, reductions: Sequence[float]
     if reach < 1:
         raise EchoError(f"--reach {reach} must be at least 1 (how many layers below a consumer its producer may be)")
     targets = {R: kv_layers(L, R) for R in reductions}  # raises for impossible reductions
-    tic = time.perf_counter()
     pairs = [(i, p) for i in range(1, L) for p in range(max(0, i - reach), i)]
+    for R, n in targets.items():  # reachability does not depend on the damage: refuse before measuring it
+        if best_plan(dict.fromkeys(pairs, 0.0), L, n, reach) is None:
+            raise EchoError(
+                f"--target-reduction {R:g} needs {L - n} consumers, more than producers within --reach {reach} "
+                f"allow: raise --reach or lower the reduction"
+            )
+    tic = time.perf_counter()
     bar = tqdm(total=len(pairs) + 2, desc="search", unit="step", disable=not progress, leave=False)
     fit_cal = Calibration(teacher, fit_windows, options.batch)
     bar.update(1)
@@ -169,11 +175,6 @@ def search(src, teacher, fit_windows, score_windows, reductions: Sequence[float]
                                                        "fit_tokens": fit_cal.tokens, "score_tokens": score_cal.tokens})
     for R, n in targets.items():
         sources = best_plan(damage, L, n, reach)
-        if sources is None:
-            raise EchoError(
-                f"--target-reduction {R:g} needs {L - n} consumers, more than producers within --reach {reach} "
-                f"allow: raise --reach or lower the reduction"
-            )
         plan = SharingPlan.parse("_".join(map(str, sources)), L)
         student, _ = shared_model(src.config, src.weights, plan)
         naive = perplexity(student, validation) if validation else None

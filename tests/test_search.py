@@ -104,3 +104,9 @@ def test_analyze_search_refuses_an_unreachable_reduction(six_layer_source, tmp_p
     err = cli_error(capsys, "analyze", "--model", six_layer_source, "--search", "--target-reduction", "4",
                     "--out", str(tmp_path / "a"))
     assert "--target-reduction 4" in err
+
+
+def test_an_unreachable_reduction_is_refused_before_anything_is_measured(six_layer_source):
+    # No teacher and no windows: measuring anything would fail with another error.
+    with pytest.raises(EchoError, match="--target-reduction 3 needs 4 consumers"):
+        search(load_source(six_layer_source), None, [], [], [3.0], options=FitOptions(tokens=40, window=40), reach=1)
