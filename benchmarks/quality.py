@@ -177,10 +177,11 @@ def main():
               f"after {row['tokens']:,} tokens, {row['cpu_min']:.1f} CPU min", flush=True)
         del model
         shutil.rmtree(run_dir / "base", ignore_errors=True)  # 0.5 GB per plan; the adapters and metrics stay
+        # Written after every plan, so an interrupted run keeps the rows it finished.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(dict(original=original, rows=rows, settings=vars(args)), indent=2))
 
     print_table(rows, original)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(dict(original=original, rows=rows, settings=vars(args)), indent=2))
     plot(rows, original, Path(args.png))
     print(f"wrote {out / 'quality.json'} and {args.png}")
 
