@@ -4,7 +4,7 @@ time spent: the product's main claim, measured.
     python benchmarks/adapt.py --plan yoco --schedule progressive --stages 8 --iters 80 \
         [--fine-tune-type full] [--window 256] [--learning-rate 5e-5] [--out runs/yoco-progressive]
 
-Perplexity protocol of the foundation issue (echo_mlx.evaluate): 16 windows
+Perplexity protocol of the foundation issue (echo_mlx.analysis.evaluate): 16 windows
 x 512 targets over the held-out half of the built-in corpus; training uses
 the other half only. Rows: the original (unshared), the naive conversion,
 and the adapted model. The run directory keeps metrics.jsonl and loss.png
@@ -19,11 +19,12 @@ import time
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx import adapters, blas
+from echo_mlx import blas
+from echo_mlx.analysis.evaluate import perplexity
 from echo_mlx.api import load
-from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import perplexity
-from echo_mlx.finetune import FinetuneArgs, finetune
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.tuner import adapters
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune
 
 
 def main():

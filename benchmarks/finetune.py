@@ -11,7 +11,7 @@ order), for the same number of steps:
 - full:        all 30 layers trainable, direct (the baseline)
 - lora:        LoRA rank 8 on every linear of the layers the plan changed
 - progressive: full weights of the active region, the sharing boundary moving
-               down over ``--stages`` stages (echo_mlx.schedule)
+               down over ``--stages`` stages (echo_mlx.tuner.schedule)
 
 tokens/s counts training steps only (forward + backward + update, teacher
 included), not validation. The validation loss is the student's
@@ -29,7 +29,7 @@ import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
 from echo_mlx import blas
-from echo_mlx.finetune import FinetuneArgs, finetune
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune
 
 
 def throughput(run_dir: Path):

@@ -4,12 +4,12 @@
         --variants o_proj keys,heads,o_proj keys,heads,o_proj,mlp keys,heads,o_proj,mlp:1e-2 [--calibration corpus|builtin]
 
 One teacher stream over the calibration windows is shared by every variant;
-each variant is ``parts[:ridge[:prior]]`` (echo_mlx.fit.FitOptions: parts
+each variant is ``parts[:ridge[:prior]]`` (echo_mlx.conversion.fit.FitOptions: parts
 among keys, heads, values, o_proj, mlp; ridge default 1e-3; ``prior``
 shrinks re-solved matrices towards the original's). Reported per variant:
 validation perplexity (the built-in corpus's validation part, where choices
 are made; never the held-out half) and, with a chat template, the chat set's
-validation answers scored as in echo_mlx.chat (perplexity ratio to the
+validation answers scored as in echo_mlx.datasets.chat (perplexity ratio to the
 original, share ranked first). ``--calibration corpus`` fits on the corpus
 training part only; ``builtin`` (the default, as convert's) alternates corpus
 and chat-set training windows.
@@ -22,12 +22,13 @@ import time
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx import blas, chat, corpus
-from echo_mlx.convert import shared_model, unshared_model
-from echo_mlx.evaluate import perplexity
-from echo_mlx.fit import Calibration, FitOptions, calibration, fit_layer, fitted_layers
-from echo_mlx.plans import SharingPlan
-from echo_mlx.sources import load_source
+from echo_mlx import blas
+from echo_mlx.analysis.evaluate import perplexity
+from echo_mlx.conversion.convert import shared_model, unshared_model
+from echo_mlx.conversion.fit import Calibration, FitOptions, calibration, fit_layer, fitted_layers
+from echo_mlx.datasets import chat, corpus
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
 
 
 def main():

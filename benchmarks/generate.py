@@ -26,11 +26,11 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from echo_mlx import blas
-from echo_mlx.checkpoint import kv_cache_bytes
-from echo_mlx.convert import shared_model
-from echo_mlx.corpus import builtin_tokens
-from echo_mlx.plans import SharingPlan
-from echo_mlx.sources import load_source
+from echo_mlx.conversion.convert import shared_model
+from echo_mlx.datasets.corpus import builtin_tokens
+from echo_mlx.io.checkpoint import kv_cache_bytes
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
 
 
 def build(src, name):

@@ -45,7 +45,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from echo_mlx.plans import SharingPlan
+from echo_mlx.models.plans import SharingPlan
 
 
 def row_bytes(head_dim: int, fmt: str) -> float:

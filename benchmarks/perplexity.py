@@ -2,7 +2,7 @@
 
     python benchmarks/perplexity.py [--model default] [--plans none cla:2 ...]
 
-Protocol (echo_mlx.evaluate): Python's own pydoc_data.topics, values joined in
+Protocol (echo_mlx.analysis.evaluate): Python's own pydoc_data.topics, values joined in
 sorted key order with blank lines, tokenized without special tokens; 16
 windows of 513 tokens spread evenly over the second half; ppl = exp(mean NLL
 over the 16 x 512 targets). The first row is stock mlx-lm llama on the same
@@ -19,10 +19,10 @@ import mlx.core as mx
 from mlx_lm.models import llama
 
 from echo_mlx import blas
-from echo_mlx.convert import convert
-from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import mean_nll
-from echo_mlx.sources import load_source
+from echo_mlx.analysis.evaluate import mean_nll
+from echo_mlx.conversion.convert import convert
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.io.sources import load_source
 
 
 def main():

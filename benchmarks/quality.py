@@ -6,16 +6,16 @@
 For every plan, one after another in one process:
 
 - naive: ``--kv-init own`` (producers keep their K/V weights);
-- fitted: ``--kv-init fit`` (echo_mlx.fit, default calibration: the built-in
+- fitted: ``--kv-init fit`` (echo_mlx.conversion.fit, default calibration: the built-in
   corpus's training part), written as a checkpoint;
 - adapted: ``echo-mlx finetune`` from that checkpoint with the same budget for
   every plan: LoRA on the layers the plan changed, ``--iters`` KD steps of
   ``--batch-size`` x ``--window`` tokens of the built-in data (corpus training
   part + chat set training split), the best step by validation loss.
 
-Measured on text no choice was made on: held-out perplexity (echo_mlx.evaluate,
+Measured on text no choice was made on: held-out perplexity (echo_mlx.analysis.evaluate,
 16 x 512 targets of the corpus's held-out half, the same windows for every
-row), and the held-out chat answers (echo_mlx.chat: the original's greedy
+row), and the held-out chat answers (echo_mlx.datasets.chat: the original's greedy
 answers to 46 held-out prompts) scored under the adapted model: perplexity
 ratio to the original's and the share of answer tokens it ranks first.
 ``search:R`` is the plan `echo-mlx analyze --search` picked for reduction R
@@ -37,15 +37,18 @@ from pathlib import Path
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx import adapters, blas, chat, checkpoint
-from echo_mlx.convert import fitted_model, shared_model, unshared_model
-from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import perplexity
-from echo_mlx.plot import save_figure
-from echo_mlx.finetune import FinetuneArgs, finetune
-from echo_mlx.fit import Calibration, FitOptions, calibration
-from echo_mlx.plans import SharingPlan
-from echo_mlx.sources import load_source
+from echo_mlx import blas
+from echo_mlx.analysis.evaluate import perplexity
+from echo_mlx.conversion.convert import fitted_model, shared_model, unshared_model
+from echo_mlx.conversion.fit import Calibration, FitOptions, calibration
+from echo_mlx.datasets import chat
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.io import checkpoint
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
+from echo_mlx.tuner import adapters
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune
+from echo_mlx.tuner.plot import save_figure
 
 DEFAULT_PLANS = ["cla:2", "yoco", "sandwich-bottom:15", "echoatt:3", "search:1.25", "search:1.5", "search:2"]
 
@@ -113,6 +116,20 @@ def plot(rows, original, path: Path):
     save_figure(fig, path)
 
 
+def kept_rows(out: Path, args, original: dict) -> list:
+    """The finished rows of an earlier run with the same recipe (a run takes longer than a session)."""
+    path = out / "quality.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    recipe = ("model", "search_json", "iters", "learning_rate", "lora_rank", "batch_size", "window")
+    changed = [k for k in recipe if earlier["settings"].get(k) != getattr(args, k)]
+    if changed or abs(earlier["original"]["ppl"] - original["ppl"]) > 1e-3:
+        raise SystemExit(f"{path} was measured with other settings ({', '.join(changed) or 'original perplexity'}): "
+                         "drop --resume or pick another --out")
+    return [r for r in earlier["rows"] if r["name"] in args.plans]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -126,6 +143,8 @@ def main():
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--png", default="benchmarks/quality.png")
     parser.add_argument("--replot", action="store_true", help="measure nothing: reprint the table and redraw the PNG from OUT/quality.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows OUT/quality.json already has (same settings) and measure only the other plans")
     args = parser.parse_args()
     out = Path(args.out)
     if args.replot:
@@ -154,8 +173,11 @@ def main():
     stream_min = (time.process_time() - cpu) / 60
     print(f"calibration stream ({cal.tokens:,} tokens): {stream_min:.1f} CPU min, counted in every row", flush=True)
 
-    rows = []
+    rows = kept_rows(out, args, original) if args.resume else []
     for name in args.plans:
+        if any(r["name"] == name for r in rows):
+            print(f"{name}: kept from {out / 'quality.json'}", flush=True)
+            continue
         text = resolve(name, Path(args.search_json))
         plan = SharingPlan.parse(text, src.config["num_hidden_layers"])
         naive = perplexity(shared_model(src.config, src.weights, plan)[0], windows)

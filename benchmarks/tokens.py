@@ -24,16 +24,18 @@ from pathlib import Path
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx import adapters, blas, checkpoint
-from echo_mlx.convert import fitted_model, shared_model
-from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import perplexity
-from echo_mlx.plot import save_figure
-from echo_mlx.finetune import STATE, FinetuneArgs, finetune
-from echo_mlx.plans import SharingPlan
-from echo_mlx.schedule import build_stages
-from echo_mlx.sources import load_source
-from echo_mlx.trainstate import load_state
+from echo_mlx import blas
+from echo_mlx.analysis.evaluate import perplexity
+from echo_mlx.conversion.convert import fitted_model, shared_model
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.io import checkpoint
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
+from echo_mlx.tuner import adapters
+from echo_mlx.tuner.finetune import STATE, FinetuneArgs, finetune
+from echo_mlx.tuner.plot import save_figure
+from echo_mlx.tuner.schedule import build_stages
+from echo_mlx.tuner.trainstate import load_state
 
 
 def at_step(base: Path, run: Path, args: FinetuneArgs):

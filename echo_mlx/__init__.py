@@ -21,11 +21,11 @@ def __getattr__(name):
 
         return load
     if name == "convert":
-        from .convert import convert
+        from .conversion.convert import convert
 
         return convert
     if name == "SharingPlan":
-        from .plans import SharingPlan
+        from .models.plans import SharingPlan
 
         return SharingPlan
     raise AttributeError(f"module 'echo_mlx' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from echo_mlx.cli import main
 
 main()

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import checkpoint
+from .io import checkpoint
 
 
 def load(model: str = "default", *, plan: str = "none", kv_init: str = "own", lazy: bool = False):
@@ -14,7 +14,7 @@ def load(model: str = "default", *, plan: str = "none", kv_init: str = "own", la
     if Path(model).is_dir() and checkpoint.is_echo_checkpoint(model):
         echo_model, tokenizer, _ = checkpoint.load(model, lazy=lazy)
         return echo_model, tokenizer
-    from .convert import convert
+    from .conversion.convert import convert
 
     echo_model, tokenizer, config, _ = convert(model, plan, kv_init=kv_init)
     eos = config.get("eos_token_id")

@@ -12,6 +12,7 @@ samplers and detokenizers); this module only does what sharing needs:
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ from mlx_lm.generate import batch_generate, stream_generate
 from mlx_lm.models.cache import RotatingKVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .checkpoint import kv_cache_bytes
 from .errors import EchoError
+from .io.checkpoint import kv_cache_bytes
 from .kernels import dispatch
-from .plans import plan_id
+from .models.plans import plan_id
 
 DEFAULT_QUANTIZED_KV_START = 5000
 KEEP_TOKENS = 4  # like mlx-lm: a rotating cache keeps the first tokens (attention sinks)
@@ -37,7 +38,7 @@ def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> list:
     window of that many tokens (consumers see the same window through it)."""
     if max_kv_size is None:
         return model.make_cache()
-    from .cache import QuantizableRotatingKVCache
+    from .models.cache import QuantizableRotatingKVCache
 
     if max_kv_size <= KEEP_TOKENS:
         raise EchoError(f"--max-kv-size {max_kv_size} is too small: use at least {KEEP_TOKENS + 1} tokens")
@@ -94,7 +95,7 @@ def save_cache_file(path, cache, model, model_id: str):
 
 def load_cache_file(path, model) -> list:
     """A saved prompt cache, refused unless it was made with this model and plan."""
-    from . import cache as _registers_classes  # noqa: F401  (load_prompt_cache looks classes up by name)
+    from .models import cache as _registers_classes  # noqa: F401  (load_prompt_cache looks classes up by name)
 
     if not Path(path).is_file():
         raise EchoError(f"prompt cache file {path} does not exist: create it with `echo-mlx cache-prompt`")
@@ -121,7 +122,7 @@ KV_BITS = (4, 8)  # what the tests (and the Metal kernels) cover; mx.quantize al
 
 def check_options(kv_bits: Optional[int], kv_group_size: int, max_kv_size: Optional[int]):
     if kv_bits is not None:
-        from .cache import check_kv_quantization
+        from .models.cache import check_kv_quantization
 
         if kv_bits not in KV_BITS:
             raise EchoError(f"--kv-bits {kv_bits} is not supported: use 4 or 8")
@@ -255,5 +256,23 @@ def generate_batch(model, tokenizer, prompts: List[List[int]], *, max_tokens: in
     return response.texts, response.stats
 
 
+def check_sampling(temp: float, top_p: float, top_k: int, min_p: float, max_tokens: int = 1):
+    """Refuse values mlx-lm's sampler would take silently and misuse (e.g. a top-p of 5 keeps every token)."""
+    def bad(flag, value, valid):
+        return EchoError(f"{flag} {value} is out of range: use {valid}")
+
+    if not math.isfinite(temp) or temp < 0:
+        raise bad("--temp", temp, "a number >= 0 (0 = greedy)")
+    if not 0 <= top_p <= 1:  # also refuses NaN
+        raise bad("--top-p", top_p, "a number in [0, 1] (0 or 1 = off)")
+    if not 0 <= min_p <= 1:
+        raise bad("--min-p", min_p, "a number in [0, 1] (0 = off)")
+    if top_k < 0:
+        raise bad("--top-k", top_k, "an integer >= 0 (0 = off)")
+    if max_tokens < 1:
+        raise bad("--max-tokens", max_tokens, "an integer >= 1")
+
+
 def sampler_from(temp: float, top_p: float, top_k: int, min_p: float):
+    check_sampling(temp, top_p, top_k, min_p)
     return make_sampler(temp, top_p, min_p, top_k=top_k)

@@ -8,7 +8,7 @@ import sys
 import echo_mlx  # first: OpenBLAS on Linux
 import mlx.core as mx
 
-from echo_mlx.checkpoint import kv_cache_bytes
+from echo_mlx.io.checkpoint import kv_cache_bytes
 
 plan = sys.argv[1] if len(sys.argv) > 1 else "yoco"
 model, tokenizer = echo_mlx.load("default", plan=plan)

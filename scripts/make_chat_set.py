@@ -7,7 +7,7 @@ renders each through the original model's chat template (its default system
 prompt, as `echo-mlx generate` does), and generates the original's greedy
 answer, batched through mlx-lm's BatchGenerator. Writes one mlx-lm chat record
 per prompt: ``{"id", "category", "split", "finished", "messages"}``. The
-split (echo_mlx.chat.split_of) is fixed by the prompt's id. Run once; the
+split (echo_mlx.datasets.chat.split_of) is fixed by the prompt's id. Run once; the
 result ships as data, so nothing is generated at training or test time.
 """
 
@@ -20,8 +20,9 @@ from pathlib import Path
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx import blas, chat
+from echo_mlx import blas
 from echo_mlx.api import load
+from echo_mlx.datasets import chat
 from echo_mlx.generate import generate_batch, sampler_from
 
 

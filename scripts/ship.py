@@ -11,9 +11,9 @@ adapt: the base that ships (naive conversion + ``fit.safetensors`` in float16)
 is then exactly the base the adapters were trained on.
 
 ``card`` measures everything on the card itself: held-out perplexity
-(echo_mlx.evaluate's 16 x 512 protocol) of the original, the naive conversion,
-the fitted base and the adapted model; the held-out chat answers (echo_mlx.chat)
-and the other-domain text (echo_mlx.evaluate.other_domain_windows) under the
+(echo_mlx.analysis.evaluate's 16 x 512 protocol) of the original, the naive conversion,
+the fitted base and the adapted model; the held-out chat answers (echo_mlx.datasets.chat)
+and the other-domain text (echo_mlx.analysis.evaluate.other_domain_windows) under the
 original and the adapted model; then it copies the run's best-validation
 adapters and the fitted tensors and writes the card with their checksums.
 """
@@ -28,13 +28,15 @@ from pathlib import Path
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx import adapters, chat, checkpoint, shipped
+from echo_mlx.analysis.evaluate import other_domain_windows, perplexity
 from echo_mlx.api import load
-from echo_mlx.convert import convert
-from echo_mlx.corpus import builtin_tokens, heldout_windows
-from echo_mlx.evaluate import other_domain_windows, perplexity
-from echo_mlx.fit import FitOptions
-from echo_mlx.plans import SharingPlan
+from echo_mlx.conversion.convert import convert
+from echo_mlx.conversion.fit import FitOptions
+from echo_mlx.datasets import chat
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.io import checkpoint, shipped
+from echo_mlx.models.plans import SharingPlan
+from echo_mlx.tuner import adapters
 
 
 def prepare(args):
@@ -111,7 +113,7 @@ def card(args):
                  "original's own answers; held-out prompts never trained on)"),
         "recipe": command.split("finetune", 1)[-1].strip(),
         "hardware": args.hardware,
-        "protocol": "echo_mlx.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
+        "protocol": "echo_mlx.analysis.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
         "command": f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']} --out {base_dir}\n{command}",
         "results": {
             "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": original_ppl, "naive_ppl": naive_ppl,

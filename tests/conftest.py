@@ -28,7 +28,7 @@ def tiny_llama_weights(seed=0, **overrides):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model as a SourceModel (float32)."""
-    from echo_mlx.sources import load_source
+    from echo_mlx.io.sources import load_source
 
     return load_source("default")
 

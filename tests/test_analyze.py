@@ -7,9 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from echo_mlx import analyze, cli
+from echo_mlx import cli
+from echo_mlx.analysis import analyze
 from echo_mlx.errors import EchoError
-from echo_mlx.plans import SharingPlan
+from echo_mlx.models.plans import SharingPlan
 from test_convert import cli_error
 
 

@@ -15,10 +15,10 @@ from test_real_model import convert_in_memory
 
 import mslsim
 from echo_mlx import cli
-from echo_mlx import model as model_module
 from echo_mlx.errors import EchoError
 from echo_mlx.kernels import dispatch
-from echo_mlx.model import Attention
+from echo_mlx.models import model as model_module
+from echo_mlx.models.model import Attention
 from mslsim.testing import mlx_outputs, require_clang
 
 HEAD_DIM_64 = dict(head_dim=64)  # the tiny llama's own head dim (16) is below the kernels' 32

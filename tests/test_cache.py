@@ -1,4 +1,4 @@
-"""Quantized sliding-window KV caches (echo_mlx.cache) against mlx-lm's float
+"""Quantized sliding-window KV caches (echo_mlx.models.cache) against mlx-lm's float
 RotatingKVCache: same window, same row order, same masks, same trimming."""
 
 import echo_mlx  # noqa: F401  first: loads OpenBLAS before mlx
@@ -22,12 +22,12 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from echo_mlx.cache import (
+from echo_mlx.errors import EchoError
+from echo_mlx.models.cache import (
     QuantizableRotatingKVCache,
     QuantizedRotatingKVCache,
     check_kv_quantization,
 )
-from echo_mlx.errors import EchoError
 
 B, KV_HEADS, Q_HEADS, D = 1, 2, 4, 64
 MAX, KEEP = 16, 4
@@ -203,7 +203,7 @@ def test_to_quantized_midstream_equals_quantized_from_start(switch):
 
 LOAD_SCRIPT = textwrap.dedent(
     """
-    import echo_mlx  # OpenBLAS before mlx; does not import echo_mlx.cache
+    import echo_mlx  # OpenBLAS before mlx; does not import echo_mlx.models.cache
     import json, sys
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -216,7 +216,7 @@ LOAD_SCRIPT = textwrap.dedent(
     except KeyError as e:
         plain = "KeyError: " + str(e)
 
-    import echo_mlx.cache  # registers the classes with mlx_lm.models.cache
+    import echo_mlx.models.cache  # registers the classes with mlx_lm.models.cache
 
     caches, metadata = load_prompt_cache(path, return_metadata=True)
     steps = mx.load(next_path)
@@ -266,7 +266,7 @@ def test_save_load_round_trip_in_fresh_process(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    # Why echo_mlx.cache registers itself: mlx-lm looks the class name up in
+    # Why echo_mlx.models.cache registers itself: mlx-lm looks the class name up in
     # its own module globals and knows nothing of classes defined elsewhere.
     assert report["plain"] == "KeyError: 'QuantizedRotatingKVCache'"
     assert report["metadata"] == {"model": "tiny"}

@@ -1,10 +1,10 @@
-"""The built-in chat set (echo_mlx.chat): its split, its examples, and how answers are scored."""
+"""The built-in chat set (echo_mlx.datasets.chat): its split, its examples, and how answers are scored."""
 
 from collections import Counter
 
 import pytest
 
-from echo_mlx import chat
+from echo_mlx.datasets import chat
 
 
 def test_every_category_is_in_every_split_and_the_heldout_part_is_large_enough():
@@ -38,7 +38,7 @@ def test_an_example_is_the_prompt_then_the_answer(smollm2):
 
 
 def test_the_original_ranks_its_own_greedy_answers_first(smollm2):
-    from echo_mlx.convert import unshared_model
+    from echo_mlx.conversion.convert import unshared_model
 
     scores = chat.answer_scores(unshared_model(smollm2), smollm2.tokenizer, "heldout", limit=3)
     assert scores["answers"] == 3 and scores["tokens"] > 30

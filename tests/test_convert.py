@@ -11,8 +11,9 @@ import pytest
 from fixtures import write_hf_dir
 
 import echo_mlx
-from echo_mlx import checkpoint, cli
+from echo_mlx import cli
 from echo_mlx.errors import EchoError
+from echo_mlx.io import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def test_out_that_exists_is_refused_unless_forced(tmp_path, hf_dir, capsys):
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, hf_dir, monkeypatch):
-    from echo_mlx.convert import convert
+    from echo_mlx.conversion.convert import convert
 
     model, tokenizer, config, _ = convert(str(hf_dir), "cla:2")
 
@@ -138,7 +139,7 @@ def test_malformed_plans_fail_with_one_line(tmp_path, hf_dir, capsys, plan, mess
 
 def test_bad_sources_and_options_fail_with_one_line(tmp_path, hf_dir, capsys):
     truncated = tmp_path / "cut.gguf"
-    from echo_mlx.sources import default_model_path
+    from echo_mlx.io.sources import default_model_path
 
     truncated.write_bytes(default_model_path().read_bytes()[:100_000])
     assert "truncated or corrupt" in cli_error(capsys, "convert", "--model", str(truncated), "--out", str(tmp_path / "a"))

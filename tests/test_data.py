@@ -3,9 +3,9 @@ import json
 import pytest
 from fixtures import bpe_tokenizer_json
 
-from echo_mlx.corpus import builtin_tokens, heldout_windows, split
-from echo_mlx.data import builtin_windows, load_data_dir
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows, split
 from echo_mlx.errors import EchoError
+from echo_mlx.tuner.data import builtin_windows, load_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from echo_mlx.distill import distillation_loss
 from echo_mlx.errors import EchoError
+from echo_mlx.tuner.distill import distillation_loss
 
 
 def reference(student, teacher, targets, mask, alpha, tau):

@@ -14,9 +14,9 @@ from test_model import echo_model, tokens
 import echo_mlx
 from echo_mlx import cli
 from echo_mlx.errors import EchoError
-from echo_mlx.layerwise import changed_layers
-from echo_mlx.plans import SharingPlan, plan_id
-from echo_mlx.schedule import build_stages, first_changed_layer
+from echo_mlx.models.plans import SharingPlan, plan_id
+from echo_mlx.tuner.layerwise import changed_layers
+from echo_mlx.tuner.schedule import build_stages, first_changed_layer
 
 
 def test_echoatt_preset_blocks_the_inner_layers():

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from echo_mlx import checkpoint
 from echo_mlx.cli import main
 from echo_mlx.errors import EchoError
-from echo_mlx.finetune import FinetuneArgs, finetune
+from echo_mlx.io import checkpoint
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune
 
 from fixtures import QUICK, SIX, write_hf_dir
 
@@ -50,13 +50,13 @@ def test_adaptation_lowers_the_distillation_loss_and_writes_a_run(six_layer_sour
 
 
 def test_frozen_layers_get_no_gradient_and_stay_unchanged(six_layer_source, tmp_path):
-    from echo_mlx.convert import shared_model
-    from echo_mlx.plans import SharingPlan
-    from echo_mlx.sources import load_source
+    from echo_mlx.conversion.convert import shared_model
+    from echo_mlx.models.plans import SharingPlan
+    from echo_mlx.io.sources import load_source
 
     # echo:4 changes layers 3 (now read by 4, 5), 4 and 5: layers 0-2 and the embeddings stay frozen.
     run(six_layer_source, tmp_path / "run", plan="echo:4", fine_tune_type="full", iters=4, steps_per_eval=100)
-    from echo_mlx.trainstate import load_state
+    from echo_mlx.tuner.trainstate import load_state
 
     # The last step's weights (the best-validation adapters may be the untrained start).
     trained = load_state(tmp_path / "run" / "state").weights
@@ -67,8 +67,8 @@ def test_frozen_layers_get_no_gradient_and_stay_unchanged(six_layer_source, tmp_
     assert any(not mx.array_equal(v, base_weights[k]).item() for k, v in trained.items())
 
     # The gradient tree itself holds nothing for frozen layers.
-    from echo_mlx import adapters
-    from echo_mlx.finetune import make_loss
+    from echo_mlx.tuner import adapters
+    from echo_mlx.tuner.finetune import make_loss
     import mlx.nn as nn
 
     adapters.make_trainable(base, "full", 3, {})
@@ -143,7 +143,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(six_layer_source, tmp_pa
     assert code == 2 and "loss became" in err and "is intact" in err and len(err.strip().splitlines()) == 1
     step = json.loads((out / "state" / "state.json").read_text())["step"]
     assert f"step {step} in" in err
-    from echo_mlx.trainstate import load_state
+    from echo_mlx.tuner.trainstate import load_state
 
     assert all(np.isfinite(np.array(v)).all() for v in load_state(out / "state").weights.values())
 
@@ -183,7 +183,7 @@ def test_jsonl_data_with_prompt_masking(six_layer_source, tmp_path):
 def test_adapters_refuse_another_plan_and_fuse_into_a_checkpoint(six_layer_source, tmp_path, capsys):
     import mlx_lm
 
-    from echo_mlx import adapters
+    from echo_mlx.tuner import adapters
     from echo_mlx.api import load
 
     run(six_layer_source, tmp_path / "run", plan="cla:2", iters=3)
@@ -229,7 +229,7 @@ def test_yaml_config_sets_mlx_lm_style_keys(six_layer_source, tmp_path):
 def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(
-        "import sys\nimport echo_mlx\nfrom echo_mlx.finetune import FinetuneArgs, finetune\n"
+        "import sys\nimport echo_mlx\nfrom echo_mlx.tuner.finetune import FinetuneArgs, finetune\n"
         # corpus windows only: equal-length rows, so both runs sum the same terms in the same order
         f"finetune(FinetuneArgs(model={six_layer_source!r}, plan='cla:2', data='corpus', iters=3, batch_size=4, max_seq_length=64, "
         "steps_per_report=1, steps_per_eval=3, learning_rate=1e-3, adapter_path=sys.argv[1]))\n"

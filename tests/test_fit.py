@@ -1,4 +1,4 @@
-"""Calibrated conversion (echo_mlx.fit, `convert --kv-init fit`) on a tiny random llama."""
+"""Calibrated conversion (echo_mlx.conversion.fit, `convert --kv-init fit`) on a tiny random llama."""
 
 import json
 
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from echo_mlx import checkpoint
-from echo_mlx.convert import shared_model, unshared_model
-from echo_mlx.errors import EchoError
-from echo_mlx.fit import (Calibration, FitOptions, assign_heads, fit_layer, fit_model, fold_complex_scale,
+from echo_mlx.conversion.convert import shared_model, unshared_model
+from echo_mlx.conversion.fit import (Calibration, FitOptions, assign_heads, fit_layer, fit_model, fold_complex_scale,
                           fold_value_maps, key_scales, rope_pairs, value_maps)
-from echo_mlx.plans import SharingPlan
-from echo_mlx.sources import load_source
+from echo_mlx.errors import EchoError
+from echo_mlx.io import checkpoint
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
 
 from test_convert import cli_error
 
@@ -109,7 +109,7 @@ def test_a_folded_value_map_equals_applying_it_to_the_producers_values(six_layer
     x = cal.x(student, 4, rows)
     kv = cal.kv_for(student, 4, rows)
     got = attn(x, cal.mask(student, 4), None, dict(kv), 0)
-    from echo_mlx.fit import _head_outputs
+    from echo_mlx.conversion.fit import _head_outputs
 
     outs = _head_outputs(attn, x, cal.mask(student, 4), dict(kv)).reshape(*x.shape[:2], 4, 16)
     w_o = np.array(teacher.layers[4].self_attn.o_proj.weight)
@@ -222,8 +222,8 @@ def test_kv_init_fit_refuses_a_source_without_a_runnable_teacher(capsys, six_lay
 
 def test_finetune_can_start_from_a_fitted_conversion(six_layer_source, tmp_path):
     import echo_mlx
-    from echo_mlx import adapters
-    from echo_mlx.finetune import FinetuneArgs, finetune
+    from echo_mlx.tuner import adapters
+    from echo_mlx.tuner.finetune import FinetuneArgs, finetune
 
     from fixtures import QUICK
 

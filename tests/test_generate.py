@@ -18,8 +18,8 @@ from test_real_model import REAL_PLANS, convert_in_memory
 import echo_mlx
 from echo_mlx import cli
 from echo_mlx import generate as gen
-from echo_mlx.checkpoint import kv_cache_bytes
 from echo_mlx.errors import EchoError
+from echo_mlx.io.checkpoint import kv_cache_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
@@ -264,3 +264,29 @@ def test_bad_kv_options_fail_with_one_line(tiny_ckpt, capsys):
             cli.main(["generate", "--model", str(tiny_ckpt), "-p", "hi", *args])
         err = capsys.readouterr().err.strip()
         assert info.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temp", "-0.5"], "--temp -0.5 is out of range: use a number >= 0"),
+    (["--temp", "inf"], "--temp inf is out of range"),
+    (["--top-p", "1.5"], "--top-p 1.5 is out of range: use a number in [0, 1]"),
+    (["--top-p", "-0.1"], "--top-p -0.1 is out of range"),
+    (["--min-p", "2"], "--min-p 2.0 is out of range: use a number in [0, 1]"),
+    (["--min-p", "nan"], "--min-p nan is out of range"),
+    (["--top-k", "-3"], "--top-k -3 is out of range: use an integer >= 0"),
+    (["--max-tokens", "0"], "--max-tokens 0 is out of range: use an integer >= 1"),
+    (["--seed", "-1"], "--seed -1 is out of range: use an integer >= 0"),
+    (["--batch-size", "0", "--prompts-file", "p.txt"], "--batch-size 0 is out of range: use an integer >= 1"),
+    (["--prefill-step-size", "0"], "--prefill-step-size 0 is out of range"),
+])
+def test_nonsense_sampling_values_fail_with_one_line_naming_the_range(tiny_ckpt, capsys, args, words):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--model", str(tiny_ckpt), "-p", "hi", *args])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_sampling_values_at_the_ends_of_their_ranges_are_accepted(tiny_ckpt, capsys):
+    cli.main(["generate", "--model", str(tiny_ckpt), "-p", "hi", "-m", "2", "--temp", "0.7", "--top-p", "1",
+              "--min-p", "0", "--top-k", "0", "--seed", "0", "--verbose", "False"])
+    assert capsys.readouterr().err.strip() == ""

@@ -1,12 +1,12 @@
-"""echo_mlx.gguf on tiny GGUF files written by gguf-py (llama.cpp's writer)."""
+"""echo_mlx.io.gguf on tiny GGUF files written by gguf-py (llama.cpp's writer)."""
 
 import numpy as np
 import pytest
 from fixtures import CONFIG, random_weights, reference_dequantize, spm_vocab, write_gguf
 
 from echo_mlx.errors import EchoError
-from echo_mlx.gguf import load_gguf, mlx_name, read_tensor_info
-from echo_mlx.tokenizer import from_gguf_metadata
+from echo_mlx.io.gguf import load_gguf, mlx_name, read_tensor_info
+from echo_mlx.io.tokenizer import from_gguf_metadata
 
 gguf = pytest.importorskip("gguf")
 

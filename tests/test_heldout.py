@@ -2,9 +2,9 @@
 
 import pytest
 
-from echo_mlx import chat, corpus
-from echo_mlx.data import builtin_examples
-from echo_mlx.fit import FitOptions, calibration
+from echo_mlx.conversion.fit import FitOptions, calibration
+from echo_mlx.datasets import chat, corpus
+from echo_mlx.tuner.data import builtin_examples
 
 
 @pytest.fixture(scope="module")

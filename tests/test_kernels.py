@@ -118,7 +118,7 @@ def test_masks_agree_with_the_model(attention, clang):
 
     from mlx_lm.models.base import create_causal_mask
 
-    from echo_mlx.model import Attention
+    from echo_mlx.models.model import Attention
 
     q, k, v = random_qkv(1, 6, 2, 3, 40, 64, np.float32)
     offset = 37

@@ -1,4 +1,4 @@
-"""Layer-wise distillation (echo_mlx.layerwise) on a tiny random llama."""
+"""Layer-wise distillation (echo_mlx.tuner.layerwise) on a tiny random llama."""
 
 import json
 from pathlib import Path
@@ -8,14 +8,14 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from echo_mlx import adapters
-from echo_mlx.convert import shared_model
+from echo_mlx.conversion.convert import shared_model
 from echo_mlx.errors import EchoError
-from echo_mlx.finetune import FinetuneArgs, finetune
-from echo_mlx.layerwise import changed_layers, layer_scales, make_layerwise_loss, teacher_states
-from echo_mlx.plans import SharingPlan
-from echo_mlx.schedule import build_stages
-from echo_mlx.sources import load_source
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
+from echo_mlx.tuner import adapters
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune
+from echo_mlx.tuner.layerwise import changed_layers, layer_scales, make_layerwise_loss, teacher_states
+from echo_mlx.tuner.schedule import build_stages
 
 from fixtures import QUICK
 

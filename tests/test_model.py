@@ -6,9 +6,9 @@ from conftest import TINY, tiny_llama_weights
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from echo_mlx.convert import share_kv_weights, shared_model
-from echo_mlx.plans import SharingPlan
-from echo_mlx.checkpoint import kv_cache_bytes
+from echo_mlx.conversion.convert import share_kv_weights, shared_model
+from echo_mlx.io.checkpoint import kv_cache_bytes
+from echo_mlx.models.plans import SharingPlan
 
 PLANS = ["none", "cla:2", "cla:3", "yoco", "pizza-top:3", "pizza-middle:3", "sandwich-middle:3",
          "sandwich-top:4", "lasagna-top:3", "lasagna-middle:4", "lckv:2", "0_0_2_2_2_5", "yoco:3",

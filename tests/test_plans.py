@@ -1,7 +1,7 @@
 import pytest
 
 from echo_mlx.errors import EchoError
-from echo_mlx.plans import PRESETS, SharingPlan
+from echo_mlx.models.plans import PRESETS, SharingPlan
 
 
 def test_plan_string_round_trips():

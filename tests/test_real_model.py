@@ -8,9 +8,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from echo_mlx.checkpoint import kv_cache_bytes
-from echo_mlx.convert import shared_model
-from echo_mlx.plans import PRESETS, SharingPlan
+from echo_mlx.conversion.convert import shared_model
+from echo_mlx.io.checkpoint import kv_cache_bytes
+from echo_mlx.models.plans import PRESETS, SharingPlan
 
 L = 30
 CONCRETE = {":K": ":2", ":N": ":15", ":B": ":15", "yoco:W": "yoco:64", "lckv:W": "lckv:2"}

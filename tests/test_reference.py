@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from echo_mlx.convert import shared_model  # noqa: E402
-from echo_mlx.plans import SharingPlan  # noqa: E402
+from echo_mlx.conversion.convert import shared_model  # noqa: E402
+from echo_mlx.models.plans import SharingPlan  # noqa: E402
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",

@@ -1,8 +1,8 @@
 import pytest
 
 from echo_mlx.errors import EchoError
-from echo_mlx.plans import SharingPlan
-from echo_mlx.schedule import build_stages, first_changed_layer, progressive_plans, stage_at, stage_plan
+from echo_mlx.models.plans import SharingPlan
+from echo_mlx.tuner.schedule import build_stages, first_changed_layer, progressive_plans, stage_at, stage_plan
 
 
 def plan(text, L=30):

@@ -1,4 +1,4 @@
-"""Plan search by measured damage (echo_mlx.search, `echo-mlx analyze --search`) on a tiny llama."""
+"""Plan search by measured damage (echo_mlx.analysis.search, `echo-mlx analyze --search`) on a tiny llama."""
 
 import itertools
 import json
@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from echo_mlx.convert import unshared_model
+from echo_mlx.analysis.search import best_plan, search
+from echo_mlx.conversion.convert import unshared_model
+from echo_mlx.conversion.fit import FitOptions
 from echo_mlx.errors import EchoError
-from echo_mlx.fit import FitOptions
-from echo_mlx.plans import SharingPlan
-from echo_mlx.search import best_plan, search
-from echo_mlx.sources import load_source
+from echo_mlx.io.sources import load_source
+from echo_mlx.models.plans import SharingPlan
 
 from test_convert import cli_error
 

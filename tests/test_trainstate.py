@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from echo_mlx.errors import EchoError
-from echo_mlx.trainstate import TrainState, check_same_config, load_state, save_state
+from echo_mlx.tuner.trainstate import TrainState, check_same_config, load_state, save_state
 
 
 def make():

@@ -24,9 +24,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..errors import EchoError
 from . import decode_attention as float_kernel
 from . import quantized_decode_attention as quantized_kernel
+from ..errors import EchoError
 
 ENV = "ECHO_MLX_ATTENTION"
 MODES = ("auto", "kernel", "ops")

@@ -1,0 +1,40 @@
+"""`echo-mlx convert`: a pretrained LLaMA -> an echo checkpoint with a sharing plan."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from echo_mlx.errors import EchoError
+
+
+def convert(
+    model: str = typer.Option("default", "--model", "--hf-path", help="Source: 'default' (SmolLM2-135M), a .gguf file, a Hugging Face or mlx-lm directory, or a hub id."),
+    plan: str = typer.Option("none", help="Sharing plan: a preset (see `echo-mlx plans`) or a string like 0_0_2_2."),
+    out: str = typer.Option(..., "--out", "--mlx-path", help="Directory to write the echo checkpoint to."),
+    kv_init: str = typer.Option("own", help="'own': producers keep their K/V weights; 'mean': the mean of the layers sharing them; 'fit': 'own', then every changed layer fitted to the original on calibration text (minutes)."),
+    calibration: Optional[Path] = typer.Option(None, help="--kv-init fit: UTF-8 text to fit on (default: the built-in corpus's training part)."),
+    calibration_tokens: int = typer.Option(24576, help="--kv-init fit: calibration tokens (whole windows of 512)."),
+    ridge: float = typer.Option(1e-3, help="--kv-init fit: relative ridge strength of the least-squares solves."),
+    quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights (affine)."),
+    q_bits: int = typer.Option(4, help="Bits per weight when quantizing."),
+    q_group_size: int = typer.Option(64, help="Group size when quantizing."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16. Default: float32 on CPU hosts, the source's own precision on Apple silicon."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+):
+    """Convert a pretrained LLaMA into an echo checkpoint with a sharing plan."""
+    from echo_mlx.conversion.convert import convert as run
+    from echo_mlx.conversion.fit import FitOptions
+
+    fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge) if kv_init == "fit" else None
+    if kv_init != "fit" and calibration is not None:
+        raise EchoError("--calibration is for --kv-init fit: add --kv-init fit or drop --calibration")
+    *_, summary = run(
+        model, plan, kv_init=kv_init, quantize=quantize, q_bits=q_bits,
+        q_group_size=q_group_size, dtype=dtype, out=out, force=force,
+        revision=revision, calibration=calibration, fit_options=fit_options, progress=True,
+    )
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"wrote {out}")

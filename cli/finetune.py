@@ -1,0 +1,72 @@
+"""`echo-mlx finetune`: adapt a converted model (LoRA/DoRA/full, distillation, progressive schedule, resume)."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from echo_mlx.errors import EchoError
+
+
+def finetune(
+    model: Optional[str] = typer.Option(None, help="An echo checkpoint, or a source model with --plan (default: 'default')."),
+    plan: Optional[str] = typer.Option(None, help="Target sharing plan (default: the checkpoint's)."),
+    kv_init: Optional[str] = typer.Option(None, help="Producer K/V init when converting: own | mean | fit (fitted to the original on the built-in corpus, minutes)."),
+    teacher: Optional[str] = typer.Option(None, help="'default' (the model the checkpoint was converted from), a source model, or 'none'."),
+    data: Optional[str] = typer.Option(None, help="mlx-lm data dir (train/valid.jsonl), or 'corpus' / 'chat' for one built-in set; default: the built-in corpus and chat set."),
+    fine_tune_type: Optional[str] = typer.Option(None, help="lora | dora | full."),
+    num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
+    batch_size: Optional[int] = typer.Option(None),
+    iters: Optional[int] = typer.Option(None),
+    val_batches: Optional[int] = typer.Option(None),
+    learning_rate: Optional[float] = typer.Option(None),
+    steps_per_report: Optional[int] = typer.Option(None),
+    steps_per_eval: Optional[int] = typer.Option(None),
+    save_every: Optional[int] = typer.Option(None),
+    adapter_path: Optional[str] = typer.Option(None, help="Run directory: adapters, checkpoints, metrics, loss.png."),
+    max_seq_length: Optional[int] = typer.Option(None),
+    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint"),
+    grad_accumulation_steps: Optional[int] = typer.Option(None),
+    mask_prompt: Optional[bool] = typer.Option(None, "--mask-prompt"),
+    optimizer: Optional[str] = typer.Option(None, help="adam | adamw | sgd."),
+    kd_alpha: Optional[float] = typer.Option(None, help="Weight of KL(teacher||student); 1 - alpha goes to cross-entropy."),
+    kd_temperature: Optional[float] = typer.Option(None),
+    schedule: Optional[str] = typer.Option(None, help="direct | progressive (ECHO-LLaMA's moving boundary)."),
+    stages: Optional[int] = typer.Option(None, help="Progressive: number of stages."),
+    layers_per_stage: Optional[int] = typer.Option(None, help="Progressive: boundary step per stage (default 1)."),
+    layerwise_iters: Optional[int] = typer.Option(None, help="First N steps: each changed layer matches the teacher layer's output (then KD)."),
+    layerwise_learning_rate: Optional[float] = typer.Option(None, help="Learning rate of the layer-wise steps (default: --learning-rate)."),
+    seed: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(False, help="Continue the run in --adapter-path from its last checkpoint."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML file with any of these settings (mlx-lm's lora config keys)."),
+):
+    """Adapt a converted model (LoRA/DoRA/full, distillation, progressive schedule)."""
+    from echo_mlx.tuner.finetune import FinetuneArgs, finetune as run
+
+    settings = _read_yaml(config) if config else {}
+    given = {k: v for k, v in locals().items() if k not in ("config", "settings", "run", "FinetuneArgs") and v is not None}
+    if not resume:
+        given.pop("resume")
+    unknown = set(settings) - set(FinetuneArgs.__dataclass_fields__)
+    if unknown:
+        raise EchoError(f"{config}: unknown keys {', '.join(sorted(unknown))}: use the names of `echo-mlx finetune --help` with underscores")
+    args = FinetuneArgs(**{**settings, **given})
+    result = run(args, progress=True)
+    best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    teacher_line = f" (teacher {result.teacher_val_loss:.4f})" if result.teacher_val_loss is not None else ""
+    typer.echo(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s{best}{teacher_line}")
+    typer.echo(f"adapters: {result.adapter_path}")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EchoError(f"config file {path} does not exist")
+    except yaml.YAMLError as e:
+        raise EchoError(f"{path} is not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(settings, dict):
+        raise EchoError(f"{path} must hold a mapping of setting: value")
+    return settings

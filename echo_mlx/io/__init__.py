@@ -1,0 +1,2 @@
+"""Loading and writing: source models (GGUF, Hugging Face and mlx-lm directories,
+hub ids), their tokenizers, echo checkpoints, and the shipped default model."""

@@ -1,0 +1,2 @@
+"""Training (``echo-mlx finetune``): the loop, distillation, the layer-wise phase,
+schedules, data, resumable training state, adapters, fuse and loss plots."""

@@ -1,0 +1,124 @@
+"""Trainable weights on top of an echo model: LoRA, DoRA or full layers.
+
+The adapter directory is mlx-lm's (``adapter_config.json`` with
+``fine_tune_type``, ``num_layers``, ``lora_parameters``, and
+``adapters.safetensors``), so ``mlx_lm.load(checkpoint, adapter_path=...)``
+reads it. We add an ``echo`` block: the sharing plan and a fingerprint of
+the base weights, so adapters are refused on a model or plan they were not
+trained for instead of loading silently into the wrong layers.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import EchoError
+from ..models.plans import plan_id
+
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+CONFIG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
+
+
+def make_trainable(model: nn.Module, fine_tune_type: str, trainable_from: int, lora_parameters: dict) -> None:
+    """Freeze everything, then open layers ``trainable_from``.. for training."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise EchoError(f"unknown --fine-tune-type {fine_tune_type!r}: use one of {', '.join(FINE_TUNE_TYPES)}")
+    model.freeze()
+    num_layers = len(model.layers) - trainable_from
+    if fine_tune_type == "full":
+        for layer in model.layers[trainable_from:]:
+            layer.unfreeze()
+        return
+    missing = {"rank", "scale", "dropout"} - set(lora_parameters)
+    if missing:
+        raise EchoError(f"lora_parameters lacks {', '.join(sorted(missing))}: give rank, scale and dropout (as mlx-lm)")
+    linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=fine_tune_type == "dora")
+
+
+def trainable_weights(model: nn.Module) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def load_matching(model: nn.Module, weights: dict) -> None:
+    """Load the weights whose names and shapes exist in ``model`` (progressive
+    stages drop the k/v projections of layers that became consumers)."""
+    params = dict(tree_flatten(model.parameters()))
+    fitting = [(k, v) for k, v in weights.items() if k in params and params[k].shape == v.shape]
+    model.load_weights(fitting, strict=False)
+
+
+def adapter_config(fine_tune_type: str, trainable_from: int, lora_parameters: dict, *, plan: str, fingerprint: str, model: str) -> dict:
+    return {
+        "fine_tune_type": fine_tune_type,
+        "num_layers": None,  # filled by save(): counted from the top, as mlx-lm counts
+        "trainable_from": trainable_from,
+        "lora_parameters": lora_parameters,
+        "echo": {"plan": plan, "fingerprint": fingerprint, "model": model},
+    }
+
+
+def save(path, model: nn.Module, config: dict) -> None:
+    """Write ``adapters.safetensors`` and its config, each atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(config, num_layers=len(model.layers) - config["trainable_from"])
+    tmp = path / f".{WEIGHTS}.tmp.safetensors"
+    mx.save_safetensors(str(tmp), trainable_weights(model))
+    os.replace(tmp, path / WEIGHTS)
+    tmp = path / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path / CONFIG)
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise EchoError(f"{path} has no {CONFIG}: pass the --adapter-path written by `echo-mlx finetune`")
+    except json.JSONDecodeError as e:
+        raise EchoError(f"{path / CONFIG} is not valid JSON ({e}): re-run finetune")
+
+
+def apply(model: nn.Module, path, model_name: str = "the model") -> nn.Module:
+    """Load the adapters in ``path`` onto ``model``, refusing ones trained for another model or plan."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from ..generate import model_fingerprint
+
+    config = read_config(path)
+    echo = config.get("echo", {})
+    plan = plan_id(model.args)
+    if echo.get("plan") not in (None, plan):
+        raise EchoError(
+            f"adapters in {path} were trained for plan {echo['plan']}, but {model_name} has plan {plan}: "
+            f"pass the model and --plan they were trained on"
+        )
+    if echo.get("fingerprint") not in (None, model_fingerprint(model)):
+        raise EchoError(
+            f"adapters in {path} were trained on different base weights ({echo.get('model')}), not {model_name}: "
+            f"pass the --model they were trained on"
+        )
+    try:
+        load_adapters(model, str(path))
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EchoError(f"adapters in {path} do not fit {model_name} ({first}): use adapters trained for this model and plan")
+    model.eval()
+    return model
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Fold LoRA/DoRA updates into the base weights."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return model
