@@ -19,6 +19,7 @@ from echo_mlx.errors import EchoError
 from echo_mlx.kernels import dispatch
 from echo_mlx.models import model as model_module
 from echo_mlx.models.model import Attention
+from echo_mlx.models.plans import SharingPlan
 from mslsim.testing import mlx_outputs, require_clang
 
 HEAD_DIM_64 = dict(head_dim=64)  # the tiny llama's own head dim (16) is below the kernels' 32
@@ -170,7 +171,16 @@ def both_paths(monkeypatch, simulated):
             differences.append(np.abs(np.array(kernel - ops)).max().item())
         return ops
 
+    def apply_probabilities(probabilities, values, cache, training):
+        dispatch.set_mode("kernel")
+        kernel = dispatch.apply_probabilities(probabilities, values, cache, training)
+        ops = model_module._apply_probabilities(probabilities, values, cache)
+        if kernel is not None:
+            differences.append(np.abs(np.array(kernel - ops)).max().item())
+        return ops
+
     monkeypatch.setattr(model_module, "decode_attention", attend)
+    monkeypatch.setattr(model_module, "probabilities_kernel", apply_probabilities)
     return differences
 
 
@@ -200,11 +210,19 @@ def test_tiny_model_attention_is_the_same_on_kernel_and_ops_paths(plan, quantize
     model, x = echo_model(plan, **HEAD_DIM_64), tokens(B=2, T=12)
     decode(model, x, 5, model.make_cache(), quantize)
     assert both_paths and max(both_paths) < 1e-5
-    assert kernel_reasons() == ({"float K/V", f"{quantize['bits']}-bit K/V"} if quantize else {"float K/V"})
+    expected = {"float K/V", f"{quantize['bits']}-bit K/V"} if quantize else {"float K/V"}
+    sharing = SharingPlan.parse(plan, 6)
+    # Sources whose own K/V come from below keep P; a source reading K/V from above does not (fused form).
+    echoatt = any(sharing.kv_sources[s] <= s for s in (sharing.attention_sources[i] for i in sharing.attention_consumers))
+    if echoatt:  # layers reusing P run the P V kernel on float V (the prompt), and ops on quantized V
+        expected |= {"P V: float V"}
+    assert kernel_reasons() == expected
     if plan == "yoco:3":  # a 5-token prefill into a 3-token window needs a mask array
         assert ("ops", "mask array (rotating or batched cache)") in dispatch.usage
-    else:
-        assert len(both_paths) == sum(dispatch.usage.values())  # every call took the kernel
+    else:  # every call took the kernel but P V on quantized V
+        ops = {reason for path, reason in dispatch.usage if path == "ops"}
+        assert ops <= ({"P V: quantized V (no P V kernel for it yet)"} if echoatt and quantize else set())
+        assert len(both_paths) == sum(n for (path, _), n in dispatch.usage.items() if path == "kernel")
 
 
 def test_tiny_model_decodes_the_same_tokens_on_both_paths(simulated):

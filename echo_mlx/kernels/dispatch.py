@@ -13,6 +13,10 @@ kernels run when all of these hold, in this order:
   dtype float32/float16/bfloat16, and a head-dim / GQA / quantization layout
   the kernel supports (its plan() says why not)
 
+EchoAtt layers that reuse their source's probabilities ask
+`apply_probabilities(...)` for P V (apply_probabilities.py) under the same
+conditions, float V only.
+
 `kernel` differs from `auto` in one way: without a Metal GPU it raises an
 EchoError instead of falling back. Every call is counted by path and reason
 (`usage`), which `summary()` turns into the line generate prints.
@@ -24,6 +28,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import apply_probabilities as probabilities_kernel
 from . import decode_attention as float_kernel
 from . import quantized_decode_attention as quantized_kernel
 from ..errors import EchoError
@@ -35,7 +40,7 @@ DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 _mode: Optional[str] = None  # set_mode(): overrides the environment
 _factory = None  # set_factory(): a kernel factory that runs on this machine
-_built = {}  # factory -> (float attention, quantized attention)
+_built = {}  # factory -> (float attention, quantized attention, P V)
 usage: Counter = Counter()  # (path, reason) -> calls since reset_usage()
 
 
@@ -165,15 +170,55 @@ def _choose(queries, keys, values, cache, scale, mask, earlier_only, training):
                                   mask_kind=mask_kind)
     except ValueError as e:
         return str(e), None
-    float_attention, quantized_attention = _kernels()
+    float_attention, quantized_attention, _ = _kernels()
     if bits is None:
         return "float K/V", lambda: float_attention(queries, keys, values, scale=scale, mask_kind=mask_kind)
     return f"{bits}-bit K/V", lambda: quantized_attention(queries, keys, values, scale=scale, bits=bits,
                                                           group_size=cache.group_size, mask_kind=mask_kind)
 
 
+def apply_probabilities(probabilities, values, cache, training: bool = False) -> Optional[mx.array]:
+    """An EchoAtt layer's P V from echo's kernel, or None: run the ops path.
+
+    `probabilities` (B, Hkv, G, L, S) are the source layer's, `values` what
+    the layer's own cache returned. Counted in `usage` with reasons that
+    start with "P V"."""
+    reason, run = _choose_probabilities(probabilities, values, cache, training)
+    usage[("kernel" if run else "ops", "P V: " + reason)] += 1
+    return run() if run else None
+
+
+def _choose_probabilities(probabilities, values, cache, training):
+    chosen = mode()
+    if chosen == "ops":
+        return f"forced by {ENV}=ops", None
+    problem = no_metal()
+    if problem:
+        check()
+        return problem, None
+    if training:
+        return "training", None
+    if cache is None:
+        return "no cache", None
+    if not isinstance(cache.offset, int):
+        return "batched cache", None
+    if probabilities.shape[3] > MAX_QUERIES:
+        return f"prompt chunks of more than {MAX_QUERIES} tokens", None
+    if getattr(cache, "bits", None) is not None:
+        return "quantized V (no P V kernel for it yet)", None
+    if values.dtype not in DTYPES:
+        return f"dtype {values.dtype}", None
+    try:
+        probabilities_kernel.plan(probabilities.shape, values.shape)
+    except ValueError as e:
+        return str(e), None
+    kernel = _kernels()[2]
+    return "float V", lambda: kernel(probabilities, values)
+
+
 def _kernels():
     factory = _factory or mx.fast.metal_kernel
     if factory not in _built:
-        _built[factory] = (float_kernel.build(factory), quantized_kernel.build(factory))
+        _built[factory] = (float_kernel.build(factory), quantized_kernel.build(factory),
+                           probabilities_kernel.build(factory))
     return _built[factory]

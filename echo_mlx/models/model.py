@@ -17,10 +17,15 @@ previous one wrote (zeros at first). After p passes the first p positions are
 exact, so a block needs only ``min(tokens, passes)`` of them.
 
 EchoAtt (``attention_sources``): layer ``i`` with source ``s < i`` reuses
-layer s's attention probabilities with its own values,
-softmax(Q_s K_s^T) V_i, computed as fused attention over s's queries and keys
-and i's values. It has no q/k projections; its cache entry holds V and
-zero-width keys, so mlx-lm's caches (and their quantization) work unchanged.
+layer s's attention probabilities with its own values, softmax(Q_s K_s^T) V_i.
+It has no q/k projections; its cache entry holds V and zero-width keys, so
+mlx-lm's caches (and their quantization) work unchanged. The source computes
+its probabilities P once and keeps them for the forward pass, so a reusing
+layer computes P V_i only: no scores, no softmax, no read of K. Where P would
+exceed ``MAX_SHARED_PROBABILITIES`` elements (long prefill chunks), or the
+source attends to earlier tokens only, the reusing layer instead runs fused
+attention over the source's queries and keys and its own values (same result,
+no P in memory).
 
 This file only imports mlx and mlx_lm (and echo_mlx's decode kernels when
 echo-mlx is installed, and transformers' config registry, which mlx_lm has
@@ -47,6 +52,16 @@ try:  # Metal decode kernels for cached steps; see echo_mlx/kernels/dispatch.py
     from echo_mlx.kernels.dispatch import decode_attention
 except ImportError:  # this file running from a checkpoint without echo-mlx
     decode_attention = None
+try:  # EchoAtt's P V kernel (an older echo-mlx has none)
+    from echo_mlx.kernels.dispatch import apply_probabilities as probabilities_kernel
+except ImportError:
+    probabilities_kernel = None
+
+
+# EchoAtt: the largest P (batch x heads x queries x keys) a source keeps for the
+# layers above; 2**24 float32 elements is 64 MiB: decode at any context, a
+# training batch of 4 x 512, a prefill chunk of 512 tokens at ~3.6k context.
+MAX_SHARED_PROBABILITIES = 1 << 24
 
 
 def _register_model_type_with_transformers():
@@ -187,11 +202,23 @@ class Attention(nn.Module):
             kv[self.layer_idx] = (keys, values, cache)
 
         keys, values, source_cache = kv[self.kv_source]
-        if self.shares_attention:  # EchoAtt layers above read these queries and keys
-            # A handle of its own: mlx-lm's quantized attention scales its queries in place.
-            kv["attention", self.layer_idx] = (mx.array(queries), keys, source_cache, self.kv_source > self.layer_idx)
-        output = self._attend(queries, keys, values, source_cache, mask, offset, self.kv_source > self.layer_idx)
+        earlier_only = self.kv_source > self.layer_idx
+        if self.shares_attention and not earlier_only and self._keeps_probabilities(queries, keys):
+            # EchoAtt layers above reuse P: computed once, here.
+            probabilities = _probabilities(queries, keys, self.scale, mask, source_cache)
+            kv["probabilities", self.layer_idx] = probabilities
+            output = self._apply(probabilities, values, source_cache)
+        else:
+            if self.shares_attention:  # EchoAtt layers above attend with these queries and keys
+                # A handle of its own: mlx-lm's quantized attention scales its queries in place.
+                kv["attention", self.layer_idx] = (mx.array(queries), keys, source_cache, earlier_only)
+            output = self._attend(queries, keys, values, source_cache, mask, offset, earlier_only)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _keeps_probabilities(self, queries, keys):
+        B, _, L, _ = queries.shape
+        S = (keys if isinstance(keys, mx.array) else keys[0]).shape[-2]
+        return B * self.n_heads * L * S <= MAX_SHARED_PROBABILITIES
 
     def _reuse_attention(self, x, mask, cache, kv: dict, offset: int) -> mx.array:
         """EchoAtt: the source layer's attention probabilities applied to this layer's own V."""
@@ -199,9 +226,19 @@ class Attention(nn.Module):
         values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:  # keys of width 0: the cache holds V only
             _, values = cache.update_and_fetch(values[..., :0], values)
-        queries, keys, source_cache, earlier_only = kv["attention", self.attention_source]
-        output = self._attend(queries, keys, values, source_cache, mask, offset, earlier_only)
+        probabilities = kv.get(("probabilities", self.attention_source))
+        if probabilities is not None:
+            output = self._apply(probabilities, values, cache)
+        else:
+            queries, keys, source_cache, earlier_only = kv["attention", self.attention_source]
+            output = self._attend(queries, keys, values, source_cache, mask, offset, earlier_only)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _apply(self, probabilities, values, cache):
+        output = None
+        if probabilities_kernel is not None:  # echo's Metal kernel, or None: the ops below
+            output = probabilities_kernel(probabilities, values, cache, self.training)
+        return output if output is not None else _apply_probabilities(probabilities, values, cache)
 
     def _attend(self, queries, keys, values, source_cache, mask, offset, earlier_only):
         output = None
@@ -232,6 +269,45 @@ class Attention(nn.Module):
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         return mx.concatenate([first, output], axis=2) if offset == 0 else output
+
+
+def _probabilities(queries, keys, scale, mask, cache):
+    """softmax(Q K^T * scale + mask), grouped by kv head: (B, kv heads, queries per kv head, L, S).
+
+    The same arithmetic as mlx-lm's quantized attention (scores in the
+    queries' dtype, a precise softmax), for float and quantized keys."""
+    B, n_heads, L, D = queries.shape
+    bits = getattr(cache, "bits", None)
+    n_kv_heads = (keys[0] if bits else keys).shape[1]
+    queries = (queries * scale).reshape(B, n_kv_heads, n_heads // n_kv_heads, L, D)
+    if bits:
+        keys = tree_map(lambda a: mx.expand_dims(a, -3), keys)
+        scores = mx.quantized_matmul(queries, *keys, transpose=True, group_size=cache.group_size, bits=bits)
+    else:
+        scores = queries @ mx.expand_dims(keys, -3).swapaxes(-1, -2)
+    if mask is not None:
+        if isinstance(mask, str):  # "causal", aligned to the newest key
+            S = scores.shape[-1]
+            mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        elif mask.ndim == 4:  # (B or 1, 1, L, S): one for all heads
+            mask = mx.expand_dims(mask, -3)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    return mx.softmax(scores, axis=-1, precise=True)
+
+
+def _apply_probabilities(probabilities, values, cache):
+    """P V for grouped P (see _probabilities): (B, heads, L, D)."""
+    B, n_kv_heads, n_repeats, L, _ = probabilities.shape
+    bits = getattr(cache, "bits", None)
+    if bits:
+        values = tree_map(lambda a: mx.expand_dims(a, -3), values)
+        out = mx.quantized_matmul(probabilities, *values, transpose=False, group_size=cache.group_size, bits=bits)
+    else:
+        out = probabilities.astype(values.dtype) @ mx.expand_dims(values, -3)
+    return out.reshape(B, n_kv_heads * n_repeats, L, -1)
 
 
 class MLP(nn.Module):

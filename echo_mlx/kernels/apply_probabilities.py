@@ -1,0 +1,180 @@
+"""P V for EchoAtt layers that reuse their source's attention probabilities.
+
+A reusing layer's attention is its source's probabilities P (B, Hkv, G, L, S),
+grouped by kv head as the model keeps them, times its own values V (B, Hkv,
+S, D): no scores, no softmax, no keys. As in decode_attention.py, one
+threadgroup serves a whole (batch, kv head) group, so every V row is loaded
+once for all G x L query rows; lane r of a SIMD group loads row r's
+probability of the key and shuffles it to the others, so P too is read once.
+Masked keys have probability 0 (the softmax wrote them), so there is no mask.
+
+Layout of the work:
+  grid.x  key blocks (one unless the keys are many: partial sums, then a
+          second kernel adds them up)
+  grid.y  batch x kv head
+  grid.z  chunks of LQ query positions
+  SIMD groups take every NSG-th key of the block; the 32 lanes split the
+  head dimension (lane + 32 i).
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from . import decode_attention as da
+
+# q rows that share a V row must fit one probability per lane.
+MAX_ROWS = 32
+
+APPLY = """
+  constexpr int DL = (D + 31) / 32;  // head-dim elements per lane
+  constexpr int R = G * LQ;          // query rows that share each V row
+  static_assert(NSG >= 1 && NSG <= 32, "1 to 32 SIMD groups per threadgroup");
+  static_assert(D >= 1 && D <= 256, "head dim 1 to 256");
+  static_assert(R >= 1 && R <= 32, "at most 32 query rows per threadgroup: lower LQ");
+
+  threadgroup float group_out[NSG][D];
+
+  const int Hkv = v_shape[1];
+  const int n_keys = v_shape[2];
+  const int L = p_shape[3];
+  const int Hq = Hkv * G;
+  const int block = threadgroup_position_in_grid.x;
+  const int b = threadgroup_position_in_grid.y / Hkv;
+  const int h = threadgroup_position_in_grid.y % Hkv;
+  const int l0 = threadgroup_position_in_grid.z * LQ;
+  const int sg = simdgroup_index_in_threadgroup;
+  const int lane = thread_index_in_simdgroup;
+  const int tid = thread_index_in_threadgroup;
+  const int first = block * keys_per_block;
+  const int last = min(first + keys_per_block, n_keys) - 1;
+
+  // Lane r < R loads row r's probability: query head h * G + r / LQ, position l0 + r % LQ.
+  const int my_l = l0 + lane % LQ;
+  const bool my_row = lane < R && my_l < L;
+  const int64_t p_row = b * p_strides[0] + h * p_strides[1] + (lane / LQ % G) * p_strides[2]
+                        + min(my_l, L - 1) * p_strides[3];
+  const int64_t v_base = b * v_strides[0] + h * v_strides[1];
+
+  float o[R][DL];
+  for (int r = 0; r < R; r++) {
+    for (int i = 0; i < DL; i++) {
+      o[r][i] = 0.0f;
+    }
+  }
+  for (int t = first + sg; t <= last; t += NSG) {
+    const float mine = my_row ? float(p[p_row + t * p_strides[4]]) : 0.0f;
+    float vr[DL];
+    for (int i = 0; i < DL; i++) {
+      const int d = lane + 32 * i;
+      vr[i] = d < D ? float(v[v_base + t * v_strides[2] + d * v_strides[3]]) : 0.0f;
+    }
+    for (int r = 0; r < R; r++) {
+      const float pr = simd_shuffle(mine, r);
+      for (int i = 0; i < DL; i++) {
+        o[r][i] += pr * vr[i];
+      }
+    }
+  }
+
+  // Sum the SIMD groups' rows, one row at a time.
+  for (int r = 0; r < R; r++) {
+    for (int i = 0; i < DL; i++) {
+      const int d = lane + 32 * i;
+      if (d < D) {
+        group_out[sg][d] = o[r][i];
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const int l = l0 + r % LQ;
+    const int q_row = (b * Hq + h * G + r / LQ) * L + l;  // row of the (B, Hq, L) outputs
+    if (l < L) {
+      for (int d = tid; d < D; d += NSG * 32) {
+        float acc = 0.0f;
+        for (int j = 0; j < NSG; j++) {
+          acc += group_out[j][d];
+        }
+        // <write row>
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+"""
+
+WRITE_OUTPUT = "out[int64_t(q_row) * D + d] = T(acc);"
+WRITE_BLOCK = "partials[(int64_t(q_row) * threadgroups_per_grid.x + block) * D + d] = acc;"
+
+# Second pass: one thread per (query row, d) adds up the key blocks.
+SUM_BLOCKS = """
+  const int n_blocks = partials_shape[3];
+  const int d = thread_position_in_grid.x;
+  const int row = thread_position_in_grid.y;
+  if (d >= D) {
+    return;
+  }
+  float acc = 0.0f;
+  for (int j = 0; j < n_blocks; j++) {
+    acc += partials[(int64_t(row) * n_blocks + j) * D + d];
+  }
+  out[int64_t(row) * D + d] = T(acc);
+"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    group_size: int  # G
+    queries_per_group: int  # LQ
+    query_chunks: int
+    keys_per_block: int
+    blocks: int
+
+
+def plan(p_shape, v_shape, *, keys_per_block=None) -> Plan:
+    B, Hkv, G, L, S = p_shape
+    Bv, Hv, T, D = v_shape
+    if (B, Hkv, S) != (Bv, Hv, T):
+        raise ValueError(f"probabilities {tuple(p_shape)} do not fit values {tuple(v_shape)}: need the same batch, "
+                         "kv heads and keys")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim {D} is outside 1..256")
+    if G > MAX_ROWS:
+        raise ValueError(f"{G} query heads per kv head: at most {MAX_ROWS}")
+    lanes = (D + 31) // 32
+    LQ = max(1, min(L, MAX_ROWS // G, da.ROW_BUDGET * 2 // (G * lanes)))
+    if keys_per_block is None:
+        keys_per_block = S if S <= da.SINGLE_PASS_KEYS else max(da.KEYS_PER_BLOCK, -(-S // da.MAX_BLOCKS))
+    keys_per_block = max(1, keys_per_block)
+    return Plan(G, LQ, -(-L // LQ), keys_per_block, max(1, -(-S // keys_per_block)))
+
+
+def build(factory=None, simd_groups: int = 8):
+    """The P V callable, with kernels made by `factory` (mx.fast.metal_kernel by
+    default; mslsim.metal_kernel on Linux tests)."""
+    factory = factory or mx.fast.metal_kernel
+    common = dict(input_names=["p", "v", "keys_per_block"], ensure_row_contiguous=False)
+    single = factory(name="echo_apply_probabilities", output_names=["out"],
+                     source=APPLY.replace("// <write row>", WRITE_OUTPUT), **common)
+    blocks = factory(name="echo_apply_probabilities_blocks", output_names=["partials"],
+                     source=APPLY.replace("// <write row>", WRITE_BLOCK), **common)
+    add = factory(name="echo_apply_probabilities_sum", input_names=["partials"], output_names=["out"],
+                  source=SUM_BLOCKS)
+
+    def apply_probabilities(p, v, *, keys_per_block=None, simd_groups: int = simd_groups):
+        """P V for p (B, Hkv, G, L, S) and v (B, Hkv, S, D): (B, Hkv * G, L, D) in v's dtype.
+        V may be a strided view (the valid part of a preallocated cache); its head dim innermost."""
+        B, Hkv, G, L, S = p.shape
+        D = v.shape[3]
+        layout = plan(p.shape, v.shape, keys_per_block=keys_per_block)
+        template = [("T", v.dtype), ("D", D), ("G", G), ("LQ", layout.queries_per_group), ("NSG", simd_groups)]
+        inputs = [p, v, layout.keys_per_block]
+        threads = 32 * simd_groups
+        grid = (threads * layout.blocks, B * Hkv, layout.query_chunks)
+        if layout.blocks == 1:
+            return single(inputs=inputs, template=template, grid=grid, threadgroup=(threads, 1, 1),
+                          output_shapes=[(B, Hkv * G, L, D)], output_dtypes=[v.dtype])[0]
+        partials = blocks(inputs=inputs, template=template, grid=grid, threadgroup=(threads, 1, 1),
+                          output_shapes=[(B, Hkv * G, L, layout.blocks, D)], output_dtypes=[mx.float32])[0]
+        return add(inputs=[partials], template=[("T", v.dtype), ("D", D)], grid=(D, B * Hkv * G * L, 1),
+                   threadgroup=(D, 1, 1), output_shapes=[(B, Hkv * G, L, D)], output_dtypes=[v.dtype])[0]
+
+    return apply_probabilities
