@@ -165,6 +165,106 @@ def test_v_and_p_are_read_once_and_no_keys_at_all(dtype, S, apply, clang):
     assert len(session.launches) == (2 if S > 512 else 1)
 
 
+# ------------------------------------------------------------ quantized V
+
+
+def quantized_v(v, bits, group_size):
+    """mx.quantize's tuple of v, and what it dequantizes to (the reference's V)."""
+    packed = mx.quantize(mx.array(v), group_size=group_size, bits=bits)
+    return packed, np.array(mx.dequantize(*packed, group_size=group_size, bits=bits))
+
+
+# (B, Hkv, G, L, S, D, bits, group size, options)
+QUANTIZED = {
+    "SmolLM2 decode, 8-bit": (1, 3, 3, 1, 300, 64, 8, 64, {}),
+    "SmolLM2 decode, 4-bit groups of 32": (1, 3, 3, 1, 300, 64, 4, 32, {}),
+    "head dim 128, gqa 4, 3 queries": (2, 2, 4, 3, 90, 128, 4, 64, {}),
+    "head dim 32, 8 queries": (1, 1, 2, 8, 40, 32, 8, 32, {}),
+    "head dim 256, 4-bit groups of 128": (1, 1, 2, 1, 50, 256, 4, 128, {}),
+    "two passes": (1, 3, 3, 1, 1500, 64, 8, 64, {}),
+    "small forced key blocks": (1, 2, 3, 2, 200, 64, 4, 64, dict(keys_per_block=48)),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED))
+def test_quantized_v_matches_float64_reference(case, apply, clang):
+    B, Hkv, G, L, S, D, bits, group_size, options = QUANTIZED[case]
+    p, v = random_pv(B, Hkv, G, L, S, D, np.float32)
+    packed, dequantized = quantized_v(v, bits, group_size)
+    out = apply(p, packed, bits=bits, group_size=group_size, **options)
+    assert out.shape == (B, Hkv * G, L, D)
+    np.testing.assert_allclose(out, reference(p, dequantized), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_v_equals_the_models_ops_path(apply, clang):
+    """mlx-lm's quantized cache layout through the model's _apply_probabilities (quantized_matmul)."""
+    from types import SimpleNamespace
+
+    from echo_mlx.models.model import _apply_probabilities
+
+    p, v = random_pv(1, 3, 3, 2, 120, 64, np.float32)
+    packed, _ = quantized_v(v, 4, 64)
+    ops = _apply_probabilities(mx.array(p), packed, SimpleNamespace(bits=4, group_size=64))
+    np.testing.assert_allclose(apply(p, packed, bits=4, group_size=64), ops, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_small_case_is_clean_under_sanitizers(clang):
+    apply = ap.build(mslsim.metal_kernel, simd_groups=4)
+    p, v = random_pv(1, 2, 2, 2, 45, 64, np.float32)
+    packed, dequantized = quantized_v(v, 8, 32)
+    for mode in ("asan", "tsan"):
+        with mslsim.settings(mode=mode, strict=True):
+            out = apply(p, packed, bits=8, group_size=32, keys_per_block=16)
+        np.testing.assert_allclose(out, reference(p, dequantized), rtol=1e-5, atol=1e-5)
+
+
+QUANTIZED_BUGS = {
+    "probability from the first walker's lanes": ("walker_lane0 + r % LPK", "r % LPK"),
+    "missing barrier before summing the walkers' rows": (
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n    const int l = l0 + r % LQ;\n    const int q_row = (b * Hq + h * G + r / LQ) * L + l;\n    if",
+        "    const int l = l0 + r % LQ;\n    const int q_row = (b * Hq + h * G + r / LQ) * L + l;\n    if"),
+    "off-by-one key tail": ("const bool live = t <= last;", "const bool live = t <= last + 1;"),
+}
+
+
+def quantized_survives(factory):
+    apply = ap.build(factory, simd_groups=4)
+    p, v = random_pv(1, 2, 3, 3, 150, 64, np.float32)
+    packed, dequantized = quantized_v(v, 4, 32)
+    try:
+        for options in (dict(), dict(keys_per_block=64)):
+            out = mslsim.run_schedules(lambda: apply(p, packed, bits=4, group_size=32, **options), strict=True)
+            np.testing.assert_allclose(out, reference(p, dequantized), rtol=1e-5, atol=1e-5)
+    except (mslsim.SimulatorError, AssertionError):
+        return False
+    return True
+
+
+def test_the_quantized_bug_checks_pass_the_correct_kernel(clang):
+    assert quantized_survives(mslsim.metal_kernel)
+
+
+@pytest.mark.parametrize("bug", list(QUANTIZED_BUGS))
+def test_planted_quantized_bug_is_caught(bug, clang):
+    factory = mutated(mslsim.metal_kernel, *QUANTIZED_BUGS[bug])
+    assert not quantized_survives(factory)
+    assert factory.hits, "the planted bug no longer matches the kernel source"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_v_words_scales_and_biases_are_read_once(bits, apply, clang):
+    B, Hkv, G, S, D, group_size = 2, 3, 3, 100, 64, 32
+    p, v = random_pv(B, Hkv, G, 1, S, D, np.float32)
+    packed, _ = quantized_v(v, bits, group_size)
+    with mslsim.settings(count_loads=True) as session:
+        apply(p, packed, bits=bits, group_size=group_size)
+    loaded = session.launches[0].bytes_loaded
+    assert loaded["v"] == B * Hkv * S * D * bits // 8
+    assert loaded["v_scales"] == loaded["v_biases"] == B * Hkv * S * (D // group_size) * 4
+    assert loaded["p"] == B * Hkv * G * S * 4
+    assert set(loaded) <= {"p", "v", "v_scales", "v_biases", "keys_per_block"}
+
+
 def test_plan_splits_long_contexts_and_refuses_mismatches():
     assert ap.plan((1, 3, 3, 1, 512), (1, 3, 512, 64)).blocks == 1
     long = ap.plan((1, 3, 3, 1, 32768), (1, 3, 32768, 64))

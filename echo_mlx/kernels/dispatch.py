@@ -15,7 +15,7 @@ kernels run when all of these hold, in this order:
 
 EchoAtt layers that reuse their source's probabilities ask
 `apply_probabilities(...)` for P V (apply_probabilities.py) under the same
-conditions, float V only.
+conditions, float or 4/8-bit V.
 
 `kernel` differs from `auto` in one way: without a Metal GPU it raises an
 EchoError instead of falling back. Every call is counted by path and reason
@@ -204,16 +204,23 @@ def _choose_probabilities(probabilities, values, cache, training):
         return "batched cache", None
     if probabilities.shape[3] > MAX_QUERIES:
         return f"prompt chunks of more than {MAX_QUERIES} tokens", None
-    if getattr(cache, "bits", None) is not None:
-        return "quantized V (no P V kernel for it yet)", None
-    if values.dtype not in DTYPES:
-        return f"dtype {values.dtype}", None
+    bits = getattr(cache, "bits", None)
+    dtype = values[1].dtype if bits else values.dtype  # quantized: the scales'
+    if dtype not in DTYPES:
+        return f"dtype {dtype}", None
     try:
-        probabilities_kernel.plan(probabilities.shape, values.shape)
+        if bits is None:
+            probabilities_kernel.plan(probabilities.shape, values.shape)
+        else:
+            head_dim = values[0].shape[3] * 32 // bits
+            probabilities_kernel.plan(probabilities.shape, (*values[0].shape[:3], head_dim),
+                                      lane_values=quantized_kernel.values_per_lane(head_dim, bits, cache.group_size))
     except ValueError as e:
         return str(e), None
     kernel = _kernels()[2]
-    return "float V", lambda: kernel(probabilities, values)
+    if bits is None:
+        return "float V", lambda: kernel(probabilities, values)
+    return f"{bits}-bit V", lambda: kernel(probabilities, values, bits=bits, group_size=cache.group_size)
 
 
 def _kernels():
