@@ -29,6 +29,7 @@ import argparse
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
@@ -50,14 +51,6 @@ class Fused:
 
     def __exit__(self, *exc):
         model_module.MAX_SHARED_PROBABILITIES = self.limit
-
-
-class Plain:
-    def __enter__(self):
-        pass
-
-    def __exit__(self, *exc):
-        pass
 
 
 def nbytes(a) -> int:
@@ -109,7 +102,7 @@ def main():
     print(f"decode at {args.context} cached tokens ({args.decode_tokens} steps per round), training steps of "
           f"{args.train_batch} x {args.train_length} tokens, {args.rounds} rounds, models alternating", flush=True)
     models = {}
-    for name, plan, mode in [("none", "none", Plain), (f"{args.plan} (P reused)", args.plan, Plain),
+    for name, plan, mode in [("none", "none", nullcontext), (f"{args.plan} (P reused)", args.plan, nullcontext),
                              (f"{args.plan} (fused)", args.plan, Fused)]:
         models[name] = (shared_model(src.config, src.weights, SharingPlan.parse(plan, layers), source=src.source)[0], mode)
 

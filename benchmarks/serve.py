@@ -115,7 +115,7 @@ def main():
 
     # The models alternate at every level, and the level that fits runs --rounds times
     # (in reverse order every other round): the machine's drift hits them alike.
-    schedule = [(kind, names) for kind in args.concurrency for names in [list(models)]]
+    schedule = [(kind, list(models)) for kind in args.concurrency]
     schedule += [("fit", list(models)[::-1] if r % 2 == 0 else list(models)) for r in range(args.rounds - 1)]
     rows = []
     for kind, names in schedule:

@@ -8,6 +8,7 @@ import pytest
 import mslsim
 from echo_mlx.kernels import apply_probabilities as ap
 from mslsim.testing import mutated, require_clang
+from test_kernels import assert_close
 
 
 @pytest.fixture
@@ -31,13 +32,6 @@ def random_pv(B, Hkv, G, L, S, D, dtype, seed=0, capacity=None):
     p = (p / p.sum(-1, keepdims=True)).astype(dtype)
     v = rng.standard_normal((B, Hkv, capacity or S, D)).astype(dtype)[:, :, :S]
     return p, v
-
-
-def assert_close(out, ref, dtype):
-    if dtype == np.float16:
-        np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2e-3, atol=2e-3)
-    else:
-        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

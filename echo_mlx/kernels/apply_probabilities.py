@@ -30,6 +30,21 @@ from . import quantized_decode_attention as qa
 # q rows that share a V row must fit one probability per lane.
 MAX_ROWS = 32
 
+# The threadgroup's (batch, kv head, query chunk) and its keys [first, last]:
+# shared by the float and quantized kernels.
+KEY_BLOCK = """
+  const int Hkv = v_shape[1];
+  const int n_keys = v_shape[2];
+  const int L = p_shape[3];
+  const int Hq = Hkv * G;
+  const int block = threadgroup_position_in_grid.x;
+  const int b = threadgroup_position_in_grid.y / Hkv;
+  const int h = threadgroup_position_in_grid.y % Hkv;
+  const int l0 = threadgroup_position_in_grid.z * LQ;
+  const int first = block * keys_per_block;
+  const int last = min(first + keys_per_block, n_keys) - 1;
+"""
+
 APPLY = """
   constexpr int DL = (D + 31) / 32;  // head-dim elements per lane
   constexpr int R = G * LQ;          // query rows that share each V row
@@ -39,19 +54,10 @@ APPLY = """
 
   threadgroup float group_out[NSG][D];
 
-  const int Hkv = v_shape[1];
-  const int n_keys = v_shape[2];
-  const int L = p_shape[3];
-  const int Hq = Hkv * G;
-  const int block = threadgroup_position_in_grid.x;
-  const int b = threadgroup_position_in_grid.y / Hkv;
-  const int h = threadgroup_position_in_grid.y % Hkv;
-  const int l0 = threadgroup_position_in_grid.z * LQ;
+""" + KEY_BLOCK + """
   const int sg = simdgroup_index_in_threadgroup;
   const int lane = thread_index_in_simdgroup;
   const int tid = thread_index_in_threadgroup;
-  const int first = block * keys_per_block;
-  const int last = min(first + keys_per_block, n_keys) - 1;
 
   // Lane r < R loads row r's probability: query head h * G + r / LQ, position l0 + r % LQ.
   const int my_l = l0 + lane % LQ;
@@ -125,22 +131,13 @@ APPLY_QUANTIZED = """
 
   threadgroup float walker_out[NW][D];
 
-  const int Hkv = v_shape[1];
-  const int n_keys = v_shape[2];
-  const int L = p_shape[3];
-  const int Hq = Hkv * G;
-  const int block = threadgroup_position_in_grid.x;
-  const int b = threadgroup_position_in_grid.y / Hkv;
-  const int h = threadgroup_position_in_grid.y % Hkv;
-  const int l0 = threadgroup_position_in_grid.z * LQ;
+""" + KEY_BLOCK + """
   const int sg = simdgroup_index_in_threadgroup;
   const int lane = thread_index_in_simdgroup;
   const int sub = lane % LPK;
   const int walker = sg * KPS + lane / LPK;
   const int walker_lane0 = lane - sub;
   const int tid = thread_index_in_threadgroup;
-  const int first = block * keys_per_block;
-  const int last = min(first + keys_per_block, n_keys) - 1;
 
   const int64_t p_base = b * p_strides[0] + h * p_strides[1];
   const int64_t v_base = b * v_strides[0] + h * v_strides[1];
@@ -241,9 +238,7 @@ def plan(p_shape, v_shape, *, keys_per_block=None, lane_values=None) -> Plan:
     LQ = max(1, min(L, MAX_ROWS // G, da.ROW_BUDGET * 2 // (G * lanes)))
     if G * lanes > da.ROW_BUDGET * 2:
         raise ValueError(f"{G} query heads per kv head at head dim {D} need too many registers")
-    if keys_per_block is None:
-        keys_per_block = S if S <= da.SINGLE_PASS_KEYS else max(da.KEYS_PER_BLOCK, -(-S // da.MAX_BLOCKS))
-    keys_per_block = max(1, keys_per_block)
+    keys_per_block = max(1, da.default_keys_per_block(S) if keys_per_block is None else keys_per_block)
     return Plan(G, LQ, -(-L // LQ), keys_per_block, max(1, -(-S // keys_per_block)))
 
 

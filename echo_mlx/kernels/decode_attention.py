@@ -257,6 +257,11 @@ def key_range(pos: int, n_keys: int, mask_kind: str, window: Optional[int]):
     return lo, hi
 
 
+def default_keys_per_block(visible: int) -> int:
+    """One block up to SINGLE_PASS_KEYS keys; beyond, blocks of at least KEYS_PER_BLOCK, at most MAX_BLOCKS of them."""
+    return visible if visible <= SINGLE_PASS_KEYS else max(KEYS_PER_BLOCK, -(-visible // MAX_BLOCKS))
+
+
 def plan(q_shape, k_shape, *, mask_kind="causal", window=None, offset=None, keys_per_block=None,
          lane_values=None) -> Plan:
     """The layout of one call; `lane_values` is how many head-dim values one
@@ -281,9 +286,7 @@ def plan(q_shape, k_shape, *, mask_kind="causal", window=None, offset=None, keys
     lo, _ = key_range(offset, n_keys, mask_kind, window)
     _, hi = key_range(offset + L - 1, n_keys, mask_kind, window)
     visible = max(0, hi - lo + 1)
-    if keys_per_block is None:
-        keys_per_block = visible if visible <= SINGLE_PASS_KEYS else max(KEYS_PER_BLOCK, -(-visible // MAX_BLOCKS))
-    keys_per_block = max(1, keys_per_block)
+    keys_per_block = max(1, default_keys_per_block(visible) if keys_per_block is None else keys_per_block)
     blocks = max(1, -(-visible // keys_per_block))
     mask = (offset, int(mask_kind != "none"), int(mask_kind == "no_diagonal"), window or 0, lo, keys_per_block)
     return Plan(G, LQ, -(-L // LQ), lo, keys_per_block, blocks, mask)

@@ -133,24 +133,30 @@ def decode_attention(queries, keys, values, cache, scale: float, mask, earlier_o
     return run() if run else None
 
 
-def _choose(queries, keys, values, cache, scale, mask, earlier_only, training):
-    """(reason, run or None)."""
-    chosen = mode()
-    if chosen == "ops":
-        return f"forced by {ENV}=ops", None
+def _why_not_a_cached_step(cache, n_queries: int, training: bool) -> Optional[str]:
+    """Why neither kernel may run this call (mode, machine, training, cache, query count), or None."""
+    if mode() == "ops":
+        return f"forced by {ENV}=ops"
     problem = no_metal()
     if problem:
         check()  # raises when forced
-        return problem, None
+        return problem
     if training:
-        return "training", None
+        return "training"
     if cache is None:
-        return "no cache", None
+        return "no cache"
     if not isinstance(cache.offset, int):
-        return "batched cache", None
-    L = queries.shape[2]
-    if L > MAX_QUERIES:
-        return f"prompt chunks of more than {MAX_QUERIES} tokens", None
+        return "batched cache"
+    if n_queries > MAX_QUERIES:
+        return f"prompt chunks of more than {MAX_QUERIES} tokens"
+    return None
+
+
+def _choose(queries, keys, values, cache, scale, mask, earlier_only, training):
+    """(reason, run or None)."""
+    problem = _why_not_a_cached_step(cache, queries.shape[2], training)
+    if problem:
+        return problem, None
     if not (mask is None or isinstance(mask, str) and mask == "causal"):
         return "mask array (rotating or batched cache)", None
     if queries.dtype not in DTYPES:
@@ -189,21 +195,9 @@ def apply_probabilities(probabilities, values, cache, training: bool = False) ->
 
 
 def _choose_probabilities(probabilities, values, cache, training):
-    chosen = mode()
-    if chosen == "ops":
-        return f"forced by {ENV}=ops", None
-    problem = no_metal()
+    problem = _why_not_a_cached_step(cache, probabilities.shape[3], training)
     if problem:
-        check()
         return problem, None
-    if training:
-        return "training", None
-    if cache is None:
-        return "no cache", None
-    if not isinstance(cache.offset, int):
-        return "batched cache", None
-    if probabilities.shape[3] > MAX_QUERIES:
-        return f"prompt chunks of more than {MAX_QUERIES} tokens", None
     bits = getattr(cache, "bits", None)
     dtype = values[1].dtype if bits else values.dtype  # quantized: the scales'
     if dtype not in DTYPES:
