@@ -13,7 +13,7 @@ def convert(
     plan: str = typer.Option("none", help="Sharing plan: a preset (see `echo-mlx plans`) or a string like 0_0_2_2."),
     out: str = typer.Option(..., "--out", "--mlx-path", help="Directory to write the echo checkpoint to."),
     kv_init: str = typer.Option("own", help="'own': producers keep their K/V weights; 'mean': the mean of the layers sharing them; 'fit': 'own', then every changed layer fitted to the original on calibration text (minutes)."),
-    calibration: Optional[Path] = typer.Option(None, help="--kv-init fit: UTF-8 text to fit on (default: the built-in corpus's training part)."),
+    calibration: Optional[str] = typer.Option(None, help="--kv-init fit: a UTF-8 text file to fit on, or 'builtin' (default: the built-in corpus, chat and general sets' training parts, taking turns), 'corpus', 'chat' or 'general'."),
     calibration_tokens: int = typer.Option(24576, help="--kv-init fit: calibration tokens (whole windows of 512)."),
     ridge: float = typer.Option(1e-3, help="--kv-init fit: relative ridge strength of the least-squares solves."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights (affine)."),

@@ -91,20 +91,34 @@ class FitReport:
 
 
 # ---- calibration text ----------------------------------------------------------
+BUILTIN_CALIBRATION = ("builtin", "corpus", "chat", "general")  # keywords; anything else is a file
+
+
 def calibration(tokenizer, path: Optional[str], options: FitOptions):
     """(windows, description): ``options.num_windows`` consecutive windows from a UTF-8
-    file, or by default from the built-in training data: the corpus's training part and
-    the chat set's training conversations, alternating (so the fit sees both the text and
-    the chat behaviour the model must keep)."""
-    from ..datasets import chat, corpus
+    file, or from the built-in training data (``None`` or ``"builtin"``: the corpus's
+    training part, the chat set's training conversations and the general set's training
+    samples, taking turns, so the fit sees the documentation, the chat behaviour and
+    everyday text the model must keep; ``"corpus"``, ``"chat"``, ``"general"`` or a
+    ``+``-joined choice of them such as ``"corpus+chat"``)."""
+    from ..datasets import chat, corpus, general
 
-    if path is None:
-        found = corpus.windows(corpus.training_segments(tokenizer), options.window)
-        what = "the built-in corpus's training part"
-        if chat.usable(tokenizer):
-            conversations = corpus.windows([chat.packed(tokenizer, "train")], options.window)
-            found = _alternate(found, conversations)
-            what = "the built-in training data (corpus training part and chat set training split, alternating)"
+    which = "builtin" if path is None else str(path)
+    keywords = which.split("+")
+    if all(k in BUILTIN_CALIBRATION for k in keywords):
+        chosen = {"corpus", "chat", "general"} if "builtin" in keywords else set(keywords)
+        sources = []
+        if "corpus" in chosen:
+            sources.append(("the corpus training part", corpus.windows(corpus.training_segments(tokenizer), options.window)))
+        if "chat" in chosen and chat.usable(tokenizer):
+            sources.append(("the chat set training split", corpus.windows([chat.packed(tokenizer, "train")], options.window)))
+        if "general" in chosen and general.available():
+            sources.append(("the general set training split", corpus.windows([general.packed(tokenizer, "train")], options.window)))
+        if not sources:
+            raise EchoError(f"--calibration {which} is not available with this tokenizer: use --calibration corpus or a text file")
+        found = _alternate(*[w for _, w in sources])
+        names = [name for name, _ in sources]
+        what = f"the built-in training data ({', '.join(names)}{', taking turns' if len(names) > 1 else ''})"
         have = sum(len(w) for w in found)
     else:
         tokens = tokenizer.encode(corpus.read_text_file(path, "--calibration"), add_special_tokens=False)
@@ -119,10 +133,10 @@ def calibration(tokenizer, path: Optional[str], options: FitOptions):
     return found[:n], f"{what}: {n} windows of {options.window} tokens"
 
 
-def _alternate(a: list, b: list) -> list:
-    """a[0], b[0], a[1], b[1], ..., then what is left of the longer one."""
-    n = min(len(a), len(b))
-    return [w for pair in zip(a, b) for w in pair] + a[n:] + b[n:]
+def _alternate(*lists: list) -> list:
+    """a[0], b[0], c[0], a[1], b[1], ...: one from each list in turn, skipping lists that ran out."""
+    longest = max((len(x) for x in lists), default=0)
+    return [x[k] for k in range(longest) for x in lists if k < len(x)]
 
 
 # ---- the teacher's stream ---------------------------------------------------------

@@ -4,11 +4,12 @@ Two sources: a ``--data`` directory in mlx-lm's format (``train.jsonl``,
 ``valid.jsonl``, ``test.jsonl`` with ``text``, ``messages`` or
 ``prompt``/``completion`` records, parsed by mlx-lm's own dataset classes), or,
 with no ``--data``, the built-in data: windows of the built-in corpus's
-training part (echo_mlx.datasets.corpus; validation from its validation part) and the
-built-in chat set's training answers (echo_mlx.datasets.chat; validation from its
-validation split). ``--data corpus`` or ``--data chat`` takes one of them.
-Held-out text (the corpus's held-out windows, the chat set's held-out
-prompts) is never among them.
+training part (echo_mlx.datasets.corpus; validation from its validation part), the
+built-in chat set's training answers (echo_mlx.datasets.chat) and the general set's
+training samples (echo_mlx.datasets.general; both with validation from their validation
+splits). ``--data corpus``, ``--data chat`` or ``--data general`` takes one of them.
+Held-out text (the corpus's held-out windows, the chat and general sets' held-out
+splits) is never among them.
 
 We read the JSONL ourselves first so a broken line is reported with its
 number, and count the examples longer than ``--max-seq-length`` (truncated,
@@ -75,22 +76,26 @@ def _truncated(examples: List[Tuple[list, int]], max_seq_length: int, path) -> L
     return [(ids[:max_seq_length], min(offset, max_seq_length)) for ids, offset in examples]
 
 
-BUILTIN = ("builtin", "corpus", "chat")  # --data keywords: both built-in sets, or one of them
+BUILTIN = ("builtin", "corpus", "chat", "general")  # --data keywords: every built-in set, or one of them
 
 
 def builtin_examples(tokenizer, seq_length: int, which: str = "builtin"):
     """(train, valid) examples from the built-in data: corpus windows of ``seq_length``
-    tokens and/or the chat set's answers (their prompts masked from the loss)."""
-    from ..datasets import chat
+    tokens, the chat set's answers (their prompts masked from the loss) and the general
+    set's samples (every token a target); ``which`` picks one of them."""
+    from ..datasets import chat, general
 
     if which not in BUILTIN:
         raise EchoError(f"unknown built-in data {which!r}: use one of {', '.join(BUILTIN)} or a directory")
-    train, valid = builtin_windows(tokenizer, seq_length) if which != "chat" else ([], [])
+    train, valid = builtin_windows(tokenizer, seq_length) if which in ("builtin", "corpus") else ([], [])
     if which == "chat" and not chat.usable(tokenizer):
         raise EchoError("--data chat needs a tokenizer with a chat template: use --data corpus or a --data directory")
-    if which != "corpus" and chat.usable(tokenizer):
+    if which in ("builtin", "chat") and chat.usable(tokenizer):
         train += chat.examples(tokenizer, "train", seq_length)
         valid += chat.examples(tokenizer, "valid", seq_length)
+    if which in ("builtin", "general") and general.available():
+        train += general.examples(tokenizer, "train", seq_length)
+        valid += general.examples(tokenizer, "valid", seq_length)
     return train, valid
 
 

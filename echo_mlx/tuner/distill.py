@@ -26,9 +26,10 @@ from ..errors import EchoError
 
 
 def distillation_loss(student_logits, teacher_logits, targets, mask, *, alpha: float = 0.5, temperature: float = 1.0,
-                      teacher_stats=None):
+                      teacher_stats=None, teacher_top_k=None):
     """Mean KD loss over masked positions, and the number of positions.
-    ``teacher_stats``: teacher_statistics(teacher_logits, temperature), if already computed."""
+    ``teacher_stats``: teacher_statistics(teacher_logits, temperature), if already computed;
+    ``teacher_top_k``: top_k_statistics(...) instead (a cached teacher: the KL is sparse_kl's)."""
     if not 0.0 <= alpha <= 1.0:
         raise EchoError(f"--kd-alpha {alpha} is outside [0, 1]: 1 = distillation only, 0 = cross-entropy only")
     if temperature <= 0:
@@ -36,7 +37,7 @@ def distillation_loss(student_logits, teacher_logits, targets, mask, *, alpha: f
     mask = mask.astype(mx.float32)
     count = mask.sum()
     s = student_logits.astype(mx.float32)
-    if teacher_logits is None and teacher_stats is None:  # no teacher: plain next-token cross-entropy
+    if teacher_logits is None and teacher_stats is None and teacher_top_k is None:  # no teacher: cross-entropy
         alpha = 0.0
     per_position = 0.0
     lse_s = None
@@ -44,7 +45,10 @@ def distillation_loss(student_logits, teacher_logits, targets, mask, *, alpha: f
         lse_s = mx.logsumexp(s, axis=-1)
         target_logit = mx.take_along_axis(s, targets[..., None], axis=-1)[..., 0]
         per_position = (1 - alpha) * (lse_s - target_logit)
-    if alpha > 0.0:
+    if alpha > 0.0 and teacher_top_k is not None:
+        kl = sparse_kl(s, *teacher_top_k, temperature=temperature)
+        per_position = per_position + alpha * temperature**2 * kl
+    elif alpha > 0.0:
         p, teacher_term = teacher_stats or teacher_statistics(teacher_logits, temperature)
         s_tau = s / temperature
         lse_s_tau = lse_s if temperature == 1.0 and lse_s is not None else mx.logsumexp(s_tau, axis=-1)
@@ -61,3 +65,36 @@ def teacher_statistics(teacher_logits, temperature: float = 1.0):
     total = e.sum(axis=-1, keepdims=True)
     p = e / total
     return mx.stop_gradient(p), mx.stop_gradient((p * shifted).sum(-1) - mx.log(total[..., 0]))
+
+
+# ---- the teacher's distribution kept sparse (echo_mlx.tuner.teacher_cache) -------------
+TAIL_FLOOR = -1e9  # stands for log 0 where a finite value keeps gradients finite
+
+
+def top_k_statistics(teacher_logits, temperature: float = 1.0, k: int = 64):
+    """The teacher's distribution at temperature tau, kept as its k likeliest tokens:
+    (token ids (..., k) int32, their log-probabilities (..., k), the rest's probability (...))."""
+    t = mx.stop_gradient(teacher_logits.astype(mx.float32)) / temperature
+    vocab = t.shape[-1]
+    k = min(k, vocab)
+    ids = mx.argpartition(-t, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    log_p = mx.take_along_axis(t, ids, axis=-1) - mx.logsumexp(t, axis=-1, keepdims=True)
+    # Exactly 0 when every token is kept: rounding must not invent mass in an empty bucket.
+    tail = mx.maximum(1.0 - mx.exp(log_p).sum(-1), 0.0) if k < vocab else mx.zeros(log_p.shape[:-1])
+    return ids, log_p, tail
+
+
+def sparse_kl(student_logits, ids, log_p, tail, temperature: float = 1.0):
+    """KL between the teacher's and the student's distributions coarsened to k + 1 outcomes:
+    the teacher's k likeliest tokens, and "any other token". By the data-processing
+    inequality it is at most the full KL, and equals it when the other tokens carry no
+    teacher mass (k = the vocabulary); the top 64 of a 49k vocabulary hold almost all of it."""
+    s = student_logits.astype(mx.float32) / temperature
+    lse = mx.logsumexp(s, axis=-1)
+    log_q = mx.take_along_axis(s, ids, axis=-1) - lse[..., None]
+    head = (mx.exp(log_p) * (log_p - log_q)).sum(-1)
+    # log q(other) from the student's other logits (stable where the head holds ~all of q).
+    others = mx.put_along_axis(s, ids, mx.array(TAIL_FLOOR, s.dtype), axis=-1)
+    log_q_tail = mx.logsumexp(others, axis=-1) - lse
+    log_p_tail = mx.log(mx.maximum(tail, 1e-30))
+    return head + tail * (log_p_tail - log_q_tail)

@@ -76,6 +76,8 @@ class FinetuneArgs:
     layerwise_iters: int = 0  # direct: open with layer-wise distillation (echo_mlx.tuner.layerwise)
     # Matching one layer's output tolerates a larger step than end-to-end KD does.
     layerwise_learning_rate: Optional[float] = None  # default: --learning-rate
+    teacher_cache: Optional[str] = None  # a directory: the teacher's work per batch kept for reuse
+    teacher_top_k: int = 64  # with teacher_cache: the teacher's likeliest tokens kept per position
     val_batches: int = 8
     steps_per_report: int = 10
     steps_per_eval: int = 100
@@ -166,7 +168,9 @@ def _vocab(tokenizer):
 
 
 # ---- loss and evaluation ------------------------------------------------------
-def make_loss(teacher, alpha: float, temperature: float):
+def make_loss(teacher, alpha: float, temperature: float, cache=None):
+    """The KD loss; with a ``cache`` (echo_mlx.tuner.teacher_cache) the teacher's top-k
+    distribution comes from disk once a batch has been seen."""
     # The teacher runs on its own CPU stream: MLX's element-wise CPU kernels
     # are single-threaded, so its softmaxes overlap the student's (~1.3x/step).
     teacher_stream = mx.new_stream(mx.default_device())
@@ -177,13 +181,15 @@ def make_loss(teacher, alpha: float, temperature: float):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        stats = None
-        if teacher is not None and alpha > 0:
+        stats = top_k = None
+        if teacher is not None and alpha > 0 and cache is not None:
+            top_k = cache.top_k(inputs)
+        elif teacher is not None and alpha > 0:
             with mx.stream(teacher_stream):
                 stats = teacher_statistics(teacher(inputs), temperature)
         mean, count = distillation_loss(
-            model(inputs), None, targets, mask, alpha=alpha if stats else 0.0,
-            temperature=temperature, teacher_stats=stats,
+            model(inputs), None, targets, mask, alpha=alpha if stats or top_k else 0.0,
+            temperature=temperature, teacher_stats=stats, teacher_top_k=top_k,
         )
         return mean * count, count
 
@@ -317,7 +323,12 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     tokenizer = models.tokenizer
     teacher = models.teacher(args.teacher, first_student)
     alpha = args.kd_alpha if teacher is not None else 0.0
-    loss = make_loss(teacher, alpha, args.kd_temperature)
+    cache = None
+    if args.teacher_cache and teacher is not None:
+        from .teacher_cache import TeacherCache
+
+        cache = TeacherCache(args.teacher_cache, teacher, top_k=args.teacher_top_k, temperature=args.kd_temperature)
+    loss = make_loss(teacher, alpha, args.kd_temperature, cache)
     ce_loss = make_loss(teacher=None, alpha=0.0, temperature=1.0)
 
     if args.data is None or args.data in BUILTIN:
@@ -335,7 +346,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     teacher_val = evaluate(teacher, ce_loss, valid, args, rank, size) if teacher is not None and valid else None
     losses = {"kd": loss}
     if any(s.kind == "layerwise" for s in stages):
-        losses["layerwise"] = _layerwise_loss(teacher, models.target, train, args)
+        losses["layerwise"] = _layerwise_loss(teacher, models.target, train, args, cache)
     if teacher_val is not None and step == 0:
         metrics.write(step=0, teacher_val_loss=teacher_val)
 
@@ -464,7 +475,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     return Result(step, tokens_seen - tokens_at_start, time.perf_counter() - started, best and best["val_loss"], teacher_val, run_dir)
 
 
-def _layerwise_loss(teacher, target: SharingPlan, train, args: FinetuneArgs):
+def _layerwise_loss(teacher, target: SharingPlan, train, args: FinetuneArgs, cache=None):
     from .layerwise import changed_layers, layer_scales, make_layerwise_loss
 
     if teacher is None:
@@ -474,7 +485,7 @@ def _layerwise_loss(teacher, target: SharingPlan, train, args: FinetuneArgs):
     # Scales from the first training batch in corpus order: the same on every rank and on resume.
     batch, _ = next(batches(train, args.batch_size, args.max_seq_length, shuffle=False))
     scales = layer_scales(teacher, batch[:, :-1], changed_layers(target.kv_sources, target.attention_sources))
-    return make_layerwise_loss(teacher, target.kv_sources, scales, target.attention_sources)
+    return make_layerwise_loss(teacher, target.kv_sources, scales, target.attention_sources, cache)
 
 
 class _Stop(Exception):

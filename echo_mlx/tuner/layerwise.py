@@ -41,12 +41,13 @@ def _masks(model, h):
     return model.model._masks(h, {})
 
 
-def teacher_states(teacher, inputs) -> list:
-    """The teacher's residual stream before each layer and after the last: L + 1 arrays."""
+def teacher_states(teacher, inputs, upto=None) -> list:
+    """The teacher's residual stream before each layer and after the last: L + 1 arrays
+    (only the first ``upto + 1`` of them when ``upto`` is given)."""
     h = teacher.model.embed_tokens(inputs)
     masks = _masks(teacher, h)
     states, kv = [h], {}
-    for layer in teacher.model.layers:
+    for layer in teacher.model.layers[:upto]:
         h = layer(h, masks[layer.use_sliding], None, kv, 0)
         states.append(h)
     return [mx.stop_gradient(s) for s in states]
@@ -59,8 +60,10 @@ def layer_scales(teacher, inputs, layers: Sequence[int]) -> mx.array:
     return mx.stop_gradient(mx.stack([((states[i + 1] - states[i]) ** 2).mean() for i in layers]))
 
 
-def make_layerwise_loss(teacher, kv_sources: Sequence[int], scales: mx.array, attention_sources=None):
-    """A loss with make_loss's signature: (sum over tokens, number of tokens)."""
+def make_layerwise_loss(teacher, kv_sources: Sequence[int], scales: mx.array, attention_sources=None, cache=None):
+    """A loss with make_loss's signature: (sum over tokens, number of tokens). With a
+    ``cache`` (echo_mlx.tuner.teacher_cache) the teacher's states come from it: a step then
+    runs only the changed layers, and the teacher not at all once the batch is cached."""
     attention_sources = attention_sources or range(len(kv_sources))
     layers = changed_layers(kv_sources, attention_sources)
     if not layers:
@@ -70,14 +73,18 @@ def make_layerwise_loss(teacher, kv_sources: Sequence[int], scales: mx.array, at
     # Producers first (a consumer may read a producer above it), EchoAtt
     # layers last (they read their source's queries and keys).
     order = sorted(layers, key=lambda i: (attention_sources[i] != i, kv_sources[i] != i))
+    needed = sorted({j for i in layers for j in (i, i + 1)})  # each layer's input and target
 
     def loss(model, batch, lengths):
         inputs = batch[:, :-1]
         # Every real token counts, prompts included (--mask-prompt is about targets):
         # their hidden states are what later tokens attend to.
         mask = (mx.arange(1, inputs.shape[1] + 1) <= lengths[:, 1:]).astype(mx.float32)
-        states = teacher_states(teacher, inputs)
-        masks = _masks(model, states[0])
+        if cache is not None:
+            states = cache.states(inputs, needed)
+        else:
+            states = teacher_states(teacher, inputs, upto=max(needed))
+        masks = _masks(model, states[order[0]])
         kv, per_token = {}, 0.0
         for i in order:
             layer = model.layers[i]

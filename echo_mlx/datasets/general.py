@@ -1,0 +1,92 @@
+"""The built-in general set: the original model's own text in many genres.
+
+The corpus is Python documentation and the chat set is chat; a model fitted
+and adapted on those two alone drifts on any other text (on software
+licences, which neither contains, the shipped 1.25x model was 1.18x the
+original's perplexity against 1.07x on the corpus). ``generaldata/openings.jsonl``
+holds 137 openings written for this project, in 33 genres (stories, news,
+science, recipes, letters, reviews, poems, dialogues, ...; nothing legal, so
+the licences stay a domain no adaptation data comes from);
+``generaldata/samples.jsonl`` the original SmolLM2's continuation of each,
+sampled once by ``scripts/make_general_set.py`` and shipped as data. Text the
+teacher wrote itself is what distillation can match everywhere: its
+next-token distributions on it are the teacher's own, across genres.
+
+Splits are fixed by the opening's id, as in the chat set: ``id % 7 == 0``
+held out (20 samples: measured, never trained on or chosen with),
+``id % 7 == 3`` validation (20), the other 97 train.
+"""
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import EchoError
+from .chat import split_of  # noqa: F401  (the same id-based splits as the chat set)
+
+GENERAL_DIR = Path(__file__).resolve().parent / "generaldata"
+OPENINGS_FILE = GENERAL_DIR / "openings.jsonl"
+SAMPLES_FILE = GENERAL_DIR / "samples.jsonl"
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    if not path.is_file():
+        raise EchoError(f"{path} is missing: reinstall echo-mlx from its repository (the general set ships with it)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_openings() -> List[dict]:
+    return _read_jsonl(OPENINGS_FILE)
+
+
+def records(split: Optional[str] = None) -> List[dict]:
+    """Samples (``opening`` + the original's ``continuation``) of one split, or all."""
+    found = _read_jsonl(SAMPLES_FILE)
+    return [r for r in found if split is None or r["split"] == split]
+
+
+def text(record: dict) -> str:
+    return record["opening"] + record["continuation"]
+
+
+def token_ids(tokenizer, split: str) -> List[List[int]]:
+    """Each sample of a split tokenized (no BOS, as the corpus is)."""
+    return [tokenizer.encode(text(r), add_special_tokens=False) for r in records(split)]
+
+
+def examples(tokenizer, split: str, max_seq_length: Optional[int] = None):
+    """(token ids, 0) training examples: every token of the sample is a target."""
+    return [(ids[:max_seq_length] if max_seq_length else ids, 0) for ids in token_ids(tokenizer, split)]
+
+
+def packed(tokenizer, split: str) -> List[int]:
+    """A split's samples one after another: text to calibrate on."""
+    return [t for ids in token_ids(tokenizer, split) for t in ids]
+
+
+def available() -> bool:
+    return SAMPLES_FILE.is_file()
+
+
+
+def scores(model, tokenizer, split: str = "valid", batch_size: int = 8) -> dict:
+    """How a model scores a split's samples, every token after the first: perplexity and
+    the share of tokens it ranks first."""
+    import math
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    items = token_ids(tokenizer, split)
+    nll, first, count = 0.0, 0, 0
+    for b in range(0, len(items), batch_size):
+        chunk = items[b : b + batch_size]
+        width = max(len(ids) for ids in chunk)
+        tokens = mx.array([ids + [0] * (width - len(ids)) for ids in chunk])
+        logits = model(tokens[:, :-1]).astype(mx.float32)
+        targets = tokens[:, 1:]
+        mask = mx.arange(1, width)[None] < mx.array([len(ids) for ids in chunk])[:, None]
+        nll += (nn.losses.cross_entropy(logits, targets, reduction="none") * mask).sum().item()
+        first += ((logits.argmax(-1) == targets) & mask).sum().item()
+        count += mask.sum().item()
+    return {"samples": len(items), "tokens": int(count), "ppl": math.exp(nll / count), "top1": first / count}
