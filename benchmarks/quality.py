@@ -7,11 +7,11 @@ For every plan, one after another in one process:
 
 - naive: ``--kv-init own`` (producers keep their K/V weights);
 - fitted: ``--kv-init fit`` (echo_mlx.conversion.fit, default calibration: the built-in
-  corpus's training part), written as a checkpoint;
+  data: corpus, chat and general training windows taking turns), written as a checkpoint;
 - adapted: ``echo-mlx finetune`` from that checkpoint with the same budget for
   every plan: LoRA on the layers the plan changed, ``--iters`` KD steps of
   ``--batch-size`` x ``--window`` tokens of the built-in data (corpus training
-  part + chat set training split), the best step by validation loss.
+  part + chat and general sets' training splits), the best step by validation loss.
 
 Measured on text no choice was made on: held-out perplexity (echo_mlx.analysis.evaluate,
 16 x 512 targets of the corpus's held-out half, the same windows for every
@@ -122,7 +122,7 @@ def kept_rows(out: Path, args, original: dict) -> list:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    recipe = ("model", "search_json", "iters", "learning_rate", "lora_rank", "batch_size", "window")
+    recipe = ("model", "search_json", "iters", "learning_rate", "lora_rank", "batch_size", "window", "calibration")
     changed = [k for k in recipe if earlier["settings"].get(k) != getattr(args, k)]
     if changed or abs(earlier["original"]["ppl"] - original["ppl"]) > 1e-3:
         raise SystemExit(f"{path} was measured with other settings ({', '.join(changed) or 'original perplexity'}): "
@@ -155,7 +155,7 @@ def main():
 
     print(f"model {args.model}; every plan: --kv-init fit (default calibration), then LoRA rank {args.lora_rank} on the "
           f"changed layers, {args.iters} KD steps (lr {args.learning_rate}) of {args.batch_size} x {args.window} tokens "
-          f"of the built-in data (corpus + chat)")
+          f"of the built-in data (corpus + chat + general)")
     print(f"mlx {mx.__version__}, {platform.machine()}, BLAS: {blas.status()}, float32, device {mx.default_device()}; "
           f"perplexity over 16 x 512 held-out targets; chat figures over the held-out chat answers", flush=True)
     src = load_source(args.model, dtype="float32")
@@ -169,7 +169,8 @@ def main():
     # One calibration for every plan: the teacher's stream over the fit's default windows.
     cpu = time.process_time()
     options = FitOptions()
-    cal = Calibration(original_model, calibration(tokenizer, None, options)[0], options.batch)
+    windows_for_fit, args.calibration = calibration(tokenizer, None, options)  # recorded: part of the recipe
+    cal = Calibration(original_model, windows_for_fit, options.batch)
     stream_min = (time.process_time() - cpu) / 60
     print(f"calibration stream ({cal.tokens:,} tokens): {stream_min:.1f} CPU min, counted in every row", flush=True)
 

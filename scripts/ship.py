@@ -12,8 +12,8 @@ is then exactly the base the adapters were trained on.
 
 ``card`` measures everything on the card itself: held-out perplexity
 (echo_mlx.analysis.evaluate's 16 x 512 protocol) of the original, the naive conversion,
-the fitted base and the adapted model; the held-out chat answers (echo_mlx.datasets.chat)
-and the other-domain text (echo_mlx.analysis.evaluate.other_domain_windows) under the
+the fitted base and the adapted model; the held-out chat answers (echo_mlx.datasets.chat),
+the general set's held-out samples (echo_mlx.datasets.general) and the other-domain text (echo_mlx.analysis.evaluate.other_domain_windows) under the
 original and the adapted model; then it copies the run's best-validation
 adapters and the fitted tensors and writes the card with their checksums.
 """
@@ -32,7 +32,7 @@ from echo_mlx.analysis.evaluate import other_domain_windows, perplexity
 from echo_mlx.api import load
 from echo_mlx.conversion.convert import convert
 from echo_mlx.conversion.fit import FitOptions
-from echo_mlx.datasets import chat
+from echo_mlx.datasets import chat, general
 from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
 from echo_mlx.io import checkpoint, shipped
 from echo_mlx.models.plans import SharingPlan
@@ -65,6 +65,7 @@ def card(args):
     other = other_domain_windows(tokenizer)
     original_ppl, original_other = perplexity(original, windows), perplexity(original, other)
     original_chat = chat.answer_scores(original, tokenizer, "heldout")
+    original_general = general.scores(original, tokenizer, "heldout")
     del original
     naive, _ = load("default", plan=args.plan_name, kv_init="own")
     plan = SharingPlan.parse(args.plan_name, len(naive.layers))
@@ -82,9 +83,11 @@ def card(args):
     adapters.apply(model, out, "default")
     adapted_ppl, adapted_other = perplexity(model, windows), perplexity(model, other)
     adapted_chat = chat.answer_scores(model, tokenizer, "heldout")
+    adapted_general = general.scores(model, tokenizer, "heldout")
     print(f"original {original_ppl:.3f}, naive {naive_ppl:,.1f}, fitted {fitted_ppl:.2f}, adapted {adapted_ppl:.3f}; "
           f"chat ratio {adapted_chat['ppl'] / original_chat['ppl']:.3f}, top-1 {adapted_chat['top1']:.1%}; "
-          f"other domain {adapted_other:.3f} vs {original_other:.3f}")
+          f"other domain {adapted_other:.3f} vs {original_other:.3f}; general held-out samples "
+          f"{adapted_general['ppl']:.3f} vs {original_general['ppl']:.3f}")
 
     command = args.command
     if args.config:
@@ -97,7 +100,7 @@ def card(args):
         "summary": (f"SmolLM2-135M-Instruct with the `{args.plan_name}` sharing plan ({plan.kv_reduction:.2f}x smaller "
                     f"KV cache): converted with `--kv-init fit` (every changed layer fitted to the original by least "
                     f"squares), then adapted with `echo-mlx finetune` (logit distillation from the original on the "
-                    f"built-in corpus and chat set). The base weights are not here; only what conversion and "
+                    f"built-in corpus, chat set and general set). The base weights are not here; only what conversion and "
                     f"adaptation changed."),
         "base_model": "default",
         "base_model_description": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32",
@@ -109,8 +112,9 @@ def card(args):
         "adapter": f"{config['fine_tune_type']} rank {lora['rank']} scale {lora['scale']} on layers "
                    f"{config['trainable_from']}..{plan.num_layers - 1}",
         "data": ("the built-in corpus's training part (Python's pydoc topics; its held-out half and any 32-token span "
-                 "of the held-out windows never trained on) and the built-in chat set's training split (the "
-                 "original's own answers; held-out prompts never trained on)"),
+                 "of the held-out windows never trained on), the built-in chat set's training split (the "
+                 "original's own answers; held-out prompts never trained on) and the general set's training split "
+                 "(the original's own continuations of openings in 33 genres; held-out openings never trained on)"),
         "recipe": command.split("finetune", 1)[-1].strip(),
         "hardware": args.hardware,
         "protocol": "echo_mlx.analysis.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
@@ -122,6 +126,8 @@ def card(args):
             "chat_ppl_ratio": adapted_chat["ppl"] / original_chat["ppl"], "chat_top1": adapted_chat["top1"],
             "original_chat_top1": original_chat["top1"],
             "other_domain_ppl": adapted_other, "original_other_domain_ppl": original_other,
+            "general_samples": adapted_general["samples"], "general_ppl": adapted_general["ppl"],
+            "original_general_ppl": original_general["ppl"],
         },
     }
     card = shipped.write_card(out, card)

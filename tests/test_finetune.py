@@ -41,7 +41,9 @@ def cli(*argv):
 
 
 def test_adaptation_lowers_the_distillation_loss_and_writes_a_run(six_layer_source, tmp_path):
-    result = run(six_layer_source, tmp_path / "run", plan="cla:2", iters=12)
+    # Corpus windows only: batches of one length, so the loss is comparable from step to step
+    # (the default data mixes in chat answers and general samples of every length).
+    result = run(six_layer_source, tmp_path / "run", plan="cla:2", iters=12, data="corpus")
     curve = losses(tmp_path / "run")
     assert len(curve) == 12 and np.mean(curve[-3:]) < 0.8 * np.mean(curve[:3])
     for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png", "best.json", "state"):

@@ -105,7 +105,7 @@ def unshared_model(src):
 def fitted_model(src, plan: SharingPlan, *, calibration: Optional[str] = None, options=None,
                  teacher=None, cal=None, cut=None, progress: bool = False):
     """(echo model, echo config): ``plan`` converted from ``src`` (float32) and fitted to
-    the original on calibration text (default: the built-in training data, corpus and chat set).
+    the original on calibration text (default: the built-in training data: corpus, chat and general sets).
     ``cal``: an echo_mlx.conversion.fit.Calibration of these windows already computed (reused across plans);
     ``cut``: the (windows, description) fit.calibration already cut from the text."""
     from . import fit
@@ -176,7 +176,7 @@ def convert(
     """Convert a source model; write it to ``out`` if given. Returns (model, tokenizer, config, summary).
 
     ``kv_init="fit"`` fits the changed layers on ``calibration`` (a UTF-8 text file;
-    default: the built-in training data, corpus and chat set) with ``fit_options`` (echo_mlx.conversion.fit.FitOptions)."""
+    default: the built-in training data: corpus, chat and general sets) with ``fit_options`` (echo_mlx.conversion.fit.FitOptions)."""
     if dtype is not None and dtype not in DTYPES:
         raise EchoError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if quantize and q_bits not in Q_BITS:

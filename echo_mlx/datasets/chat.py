@@ -33,21 +33,22 @@ def split_of(prompt_id: int) -> str:
     return {0: "heldout", 3: "valid"}.get(prompt_id % 7, "train")
 
 
-def _read_jsonl(path: Path) -> List[dict]:
+def read_shipped_jsonl(path: Path, what: str = "the chat set") -> List[dict]:
+    """The records of a JSONL file that ships with the package (``what`` names it in the error)."""
     if not path.is_file():
-        raise EchoError(f"{path} is missing: reinstall echo-mlx from its repository (the chat set ships with it)")
+        raise EchoError(f"{path} is missing: reinstall echo-mlx from its repository ({what} ships with it)")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_prompts() -> List[dict]:
-    return _read_jsonl(PROMPTS_FILE)
+    return read_shipped_jsonl(PROMPTS_FILE)
 
 
 def records(split: Optional[str] = None) -> List[dict]:
     """Chat records (``messages``: user prompt, the original's answer) of one split, or all."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown chat split {split!r}: one of {SPLITS}")
-    found = _read_jsonl(CHAT_FILE)
+    found = read_shipped_jsonl(CHAT_FILE)
     return [r for r in found if split is None or r["split"] == split]
 
 

@@ -17,31 +17,23 @@ held out (20 samples: measured, never trained on or chosen with),
 ``id % 7 == 3`` validation (20), the other 97 train.
 """
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import EchoError
-from .chat import split_of  # noqa: F401  (the same id-based splits as the chat set)
+from .chat import read_shipped_jsonl, split_of  # noqa: F401  (split_of: the same id-based splits as the chat set)
 
 GENERAL_DIR = Path(__file__).resolve().parent / "generaldata"
 OPENINGS_FILE = GENERAL_DIR / "openings.jsonl"
 SAMPLES_FILE = GENERAL_DIR / "samples.jsonl"
 
 
-def _read_jsonl(path: Path) -> List[dict]:
-    if not path.is_file():
-        raise EchoError(f"{path} is missing: reinstall echo-mlx from its repository (the general set ships with it)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def read_openings() -> List[dict]:
-    return _read_jsonl(OPENINGS_FILE)
+    return read_shipped_jsonl(OPENINGS_FILE, "the general set")
 
 
 def records(split: Optional[str] = None) -> List[dict]:
     """Samples (``opening`` + the original's ``continuation``) of one split, or all."""
-    found = _read_jsonl(SAMPLES_FILE)
+    found = read_shipped_jsonl(SAMPLES_FILE, "the general set")
     return [r for r in found if split is None or r["split"] == split]
 
 
@@ -69,15 +61,15 @@ def available() -> bool:
 
 
 
-def scores(model, tokenizer, split: str = "valid", batch_size: int = 8) -> dict:
-    """How a model scores a split's samples, every token after the first: perplexity and
-    the share of tokens it ranks first."""
+def scores(model, tokenizer, split: str = "valid", batch_size: int = 8, limit: Optional[int] = None) -> dict:
+    """How a model scores a split's samples (the first ``limit``), every token after the
+    first: perplexity and the share of tokens it ranks first."""
     import math
 
     import mlx.core as mx
     import mlx.nn as nn
 
-    items = token_ids(tokenizer, split)
+    items = token_ids(tokenizer, split)[:limit]
     nll, first, count = 0.0, 0, 0
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]

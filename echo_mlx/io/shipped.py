@@ -141,6 +141,9 @@ def render(card: dict) -> str:
            f"| another domain | software licences (GPL-3, Apache-2.0, MPL-2.0): perplexity {r['other_domain_ppl']:.3f} vs "
            f"the original's {r['original_other_domain_ppl']:.3f} ({r['other_domain_ppl'] / r['original_other_domain_ppl']:.3f}x) |"]
           if "chat_ppl_ratio" in r else []),
+        *([f"| general-set samples | the original's own text, {r['general_samples']} held-out samples: perplexity "
+           f"{r['general_ppl']:.3f} vs the original's {r['original_general_ppl']:.3f} "
+           f"({r['general_ppl'] / r['original_general_ppl']:.3f}x) |"] if "general_ppl" in r else []),
         "",
         f"Perplexity protocol: {card['protocol']}",
         "",
