@@ -85,6 +85,8 @@ def test_a_cached_batch_is_read_back_without_running_the_teacher(teacher, tmp_pa
     counting = Counting(teacher)
     cache = TeacherCache(tmp_path, counting, top_k=8)
     first = cache.top_k(inputs)
+    assert not list(Path(tmp_path).iterdir())  # written once evaluated: at the next lookup or flush
+    cache.flush()
     second = TeacherCache(tmp_path, counting, top_k=8).top_k(inputs)  # a new run, the same directory
     assert counting.calls == 1
     for a, b in zip(first, second):
@@ -94,12 +96,15 @@ def test_a_cached_batch_is_read_back_without_running_the_teacher(teacher, tmp_pa
     TeacherCache(tmp_path, counting, top_k=4).top_k(inputs)
     TeacherCache(tmp_path, counting, top_k=8, temperature=2.0).top_k(inputs)
     cache.top_k(inputs[:, :-1])
-    assert counting.calls == 4
+    cache.top_k(inputs[:, :-1])  # the same instance finds its own pending entry on disk
+    assert counting.calls == 4 and (cache.hits, cache.misses) == (1, 2)
 
 
 def test_another_teacher_never_reads_this_ones_entries(six_layer_source, teacher, tmp_path):
     inputs = mx.random.randint(0, 50, (2, 16), key=mx.random.key(2))
-    TeacherCache(tmp_path, teacher).top_k(inputs)
+    first = TeacherCache(tmp_path, teacher)
+    first.top_k(inputs)
+    first.flush()
     src = load_source(six_layer_source)
     other, _ = shared_model(src.config, {k: v * 1.01 for k, v in src.weights.items()}, SharingPlan.parse("none", 6))
     cache = TeacherCache(tmp_path, other)
@@ -111,6 +116,7 @@ def test_a_damaged_entry_is_recomputed(teacher, tmp_path):
     inputs = mx.random.randint(0, 50, (2, 16), key=mx.random.key(3))
     cache = TeacherCache(tmp_path, teacher, top_k=8)
     good = cache.top_k(inputs)
+    cache.flush()
     (path,) = list(Path(tmp_path).glob("kd-*.safetensors"))
     path.write_bytes(path.read_bytes()[:100])  # a truncated file
     with pytest.warns(UserWarning, match="unreadable"):

@@ -68,9 +68,6 @@ def teacher_statistics(teacher_logits, temperature: float = 1.0):
 
 
 # ---- the teacher's distribution kept sparse (echo_mlx.tuner.teacher_cache) -------------
-TAIL_FLOOR = -1e9  # stands for log 0 where a finite value keeps gradients finite
-
-
 def top_k_statistics(teacher_logits, temperature: float = 1.0, k: int = 64):
     """The teacher's distribution at temperature tau, kept as its k likeliest tokens:
     (token ids (..., k) int32, their log-probabilities (..., k), the rest's probability (...))."""
@@ -88,13 +85,19 @@ def sparse_kl(student_logits, ids, log_p, tail, temperature: float = 1.0):
     """KL between the teacher's and the student's distributions coarsened to k + 1 outcomes:
     the teacher's k likeliest tokens, and "any other token". By the data-processing
     inequality it is at most the full KL, and equals it when the other tokens carry no
-    teacher mass (k = the vocabulary); the top 64 of a 49k vocabulary hold almost all of it."""
+    teacher mass (k = the vocabulary).
+
+    One exp pass over the student's logits gives both its normaliser and its "other"
+    mass (total minus the head's), floored at 1e-7 of the total where float32 cannot
+    resolve it (a student that sure of its head gets the gradient towards more tail)."""
     s = student_logits.astype(mx.float32) / temperature
-    lse = mx.logsumexp(s, axis=-1)
-    log_q = mx.take_along_axis(s, ids, axis=-1) - lse[..., None]
+    top = mx.stop_gradient(s.max(axis=-1, keepdims=True))
+    e = mx.exp(s - top)
+    total = e.sum(-1)
+    log_total = mx.log(total)
+    log_q = mx.take_along_axis(s - top, ids, axis=-1) - log_total[..., None]
     head = (mx.exp(log_p) * (log_p - log_q)).sum(-1)
-    # log q(other) from the student's other logits (stable where the head holds ~all of q).
-    others = mx.put_along_axis(s, ids, mx.array(TAIL_FLOOR, s.dtype), axis=-1)
-    log_q_tail = mx.logsumexp(others, axis=-1) - lse
+    others = mx.maximum(total - mx.take_along_axis(e, ids, axis=-1).sum(-1), 1e-7 * total)
+    log_q_tail = mx.log(others) - log_total
     log_p_tail = mx.log(mx.maximum(tail, 1e-30))
     return head + tail * (log_p_tail - log_q_tail)

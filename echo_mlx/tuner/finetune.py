@@ -182,11 +182,12 @@ def make_loss(teacher, alpha: float, temperature: float, cache=None):
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
         stats = top_k = None
-        if teacher is not None and alpha > 0 and cache is not None:
-            top_k = cache.top_k(inputs)
-        elif teacher is not None and alpha > 0:
+        if teacher is not None and alpha > 0:
             with mx.stream(teacher_stream):
-                stats = teacher_statistics(teacher(inputs), temperature)
+                if cache is not None:
+                    top_k = cache.top_k(inputs)
+                else:
+                    stats = teacher_statistics(teacher(inputs), temperature)
         mean, count = distillation_loss(
             model(inputs), None, targets, mask, alpha=alpha if stats or top_k else 0.0,
             temperature=temperature, teacher_stats=stats, teacher_top_k=top_k,
@@ -468,6 +469,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
         raise EchoError("interrupted before the first step finished: nothing to save")
     finally:
         bar.close()
+        if cache is not None:
+            cache.flush()
     if main and step == args.iters:
         from .plot import plot_run
 

@@ -18,7 +18,10 @@ same, so it is kept, one file per batch:
 Files are named by a hash of the teacher's fingerprint, what is kept (k and
 the temperature, or the layers) and the batch's tokens, so another teacher,
 setting or batch never matches, and are written atomically; an unreadable file
-is recomputed and rewritten.
+is recomputed and rewritten. A miss returns the teacher's outputs unevaluated,
+so they are computed within the training step, overlapping the student's work
+as the uncached teacher's do; they are written at the next lookup (by then the
+step has evaluated them) or at ``flush()``.
 """
 
 import hashlib
@@ -44,13 +47,24 @@ class TeacherCache:
         self.teacher, self.k, self.temperature = teacher, top_k, temperature
         self.fingerprint = model_fingerprint(teacher)
         self.hits = self.misses = 0
+        self._pending = []  # (path, {name: array}) computed by a step, not yet written
 
     def _path(self, kind: str, what, inputs: mx.array) -> Path:
         h = hashlib.sha256(f"{self.fingerprint}|{kind}|{what}|{inputs.shape}".encode())
         h.update(np.asarray(inputs, dtype=np.int32).tobytes())
         return self.directory / f"{kind}-{h.hexdigest()[:24]}.safetensors"
 
+    def flush(self):
+        """Write the entries of earlier misses (evaluating them if no step has)."""
+        for path, arrays in self._pending:
+            mx.eval(list(arrays.values()))
+            tmp = path.with_name(f".{path.name}.tmp.safetensors")
+            mx.save_safetensors(str(tmp), arrays)
+            tmp.replace(path)
+        self._pending = []
+
     def _lookup(self, path: Path, names: Sequence[str], compute):
+        self.flush()
         if path.exists():
             try:
                 found = mx.load(str(path))
@@ -61,10 +75,7 @@ class TeacherCache:
                 warnings.warn(f"teacher cache file {path} is unreadable ({e}); recomputing it")
         self.misses += 1
         arrays = compute()
-        mx.eval(arrays)
-        tmp = path.with_name(f".{path.name}.tmp.safetensors")
-        mx.save_safetensors(str(tmp), dict(zip(names, arrays)))
-        tmp.replace(path)
+        self._pending.append((path, dict(zip(names, arrays))))
         return arrays
 
     def top_k(self, inputs: mx.array):
