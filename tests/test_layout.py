@@ -133,3 +133,24 @@ def test_loading_a_checkpoint_prints_no_transformers_warning(six_layer_source, t
                               capture_output=True, text=True, cwd=tmp_path)
     assert generate.returncode == 0, generate.stderr
     assert "transformers" not in generate.stderr
+
+
+def test_every_echo_mlx_name_the_readme_gives_exists():
+    """The README names modules and functions (echo_mlx.datasets.chat.answer_scores, ...): each must resolve."""
+    import importlib
+    import re
+
+    missing = []
+    for name in sorted(set(re.findall(r"echo_mlx(?:\.\w+)+", (ROOT / "README.md").read_text()))):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute, None)
+        if obj is None:
+            missing.append(name)
+    assert not missing, f"the README names what does not exist: {missing}"
