@@ -12,6 +12,9 @@ For every plan, one after another in one process:
   every plan: LoRA on the layers the plan changed, ``--iters`` KD steps of
   ``--batch-size`` x ``--window`` tokens of the built-in data (corpus training
   part + chat and general sets' training splits), the best step by validation loss.
+  Every plan trains on the same batches, so the teacher's top-k outputs are kept
+  in a shared ``--teacher-cache`` (echo_mlx.tuner.teacher_cache): the teacher runs
+  once per batch for the whole table.
 
 Measured on text no choice was made on: held-out perplexity (echo_mlx.analysis.evaluate,
 16 x 512 targets of the corpus's held-out half, the same windows for every
@@ -71,7 +74,7 @@ def adapt(base: Path, out: Path, args) -> dict:
         model=str(base), fine_tune_type="lora", lora_parameters={"rank": args.lora_rank, "dropout": 0.0, "scale": 20.0},
         iters=args.iters, learning_rate=args.learning_rate, batch_size=args.batch_size, max_seq_length=args.window,
         steps_per_report=5, steps_per_eval=max(args.iters // 3, 1), val_batches=8, save_every=args.iters,
-        adapter_path=str(out),
+        adapter_path=str(out), teacher_cache=args.teacher_cache, teacher_top_k=args.teacher_top_k,
     ))
     return {"tokens": result.tokens}
 
@@ -122,7 +125,8 @@ def kept_rows(out: Path, args, original: dict) -> list:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    recipe = ("model", "search_json", "iters", "learning_rate", "lora_rank", "batch_size", "window", "calibration")
+    recipe = ("model", "search_json", "iters", "learning_rate", "lora_rank", "batch_size", "window", "calibration",
+              "teacher_top_k")
     changed = [k for k in recipe if earlier["settings"].get(k) != getattr(args, k)]
     if changed or abs(earlier["original"]["ppl"] - original["ppl"]) > 1e-3:
         raise SystemExit(f"{path} was measured with other settings ({', '.join(changed) or 'original perplexity'}): "
@@ -141,12 +145,18 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--teacher-cache", help="the teacher's top-k outputs per batch, shared by every plan "
+                        "(they all train on the same batches; default OUT/teacher; 'none': the exact teacher each time)")
+    parser.add_argument("--teacher-top-k", type=int, default=64)
     parser.add_argument("--png", default="benchmarks/quality.png")
     parser.add_argument("--replot", action="store_true", help="measure nothing: reprint the table and redraw the PNG from OUT/quality.json")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows OUT/quality.json already has (same settings) and measure only the other plans")
     args = parser.parse_args()
     out = Path(args.out)
+    args.teacher_cache = None if args.teacher_cache == "none" else (args.teacher_cache or str(out / "teacher"))
+    if args.teacher_cache is None:
+        args.teacher_top_k = None  # the exact KD loss: not a top-k recipe
     if args.replot:
         finished = json.loads((out / "quality.json").read_text())
         print_table(finished["rows"], finished["original"])
