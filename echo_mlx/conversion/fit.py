@@ -91,9 +91,6 @@ class FitReport:
 
 
 # ---- calibration text ----------------------------------------------------------
-BUILTIN_CALIBRATION = ("builtin", "corpus", "chat", "general")  # keywords; anything else is a file
-
-
 def calibration(tokenizer, path: Optional[str], options: FitOptions):
     """(windows, description): ``options.num_windows`` consecutive windows from a UTF-8
     file, or from the built-in training data (``None`` or ``"builtin"``: the corpus's
@@ -101,11 +98,11 @@ def calibration(tokenizer, path: Optional[str], options: FitOptions):
     samples, taking turns, so the fit sees the documentation, the chat behaviour and
     everyday text the model must keep; ``"corpus"``, ``"chat"``, ``"general"`` or a
     ``+``-joined choice of them such as ``"corpus+chat"``)."""
-    from ..datasets import chat, corpus, general
+    from ..datasets import BUILTIN_SETS, chat, corpus, general
 
     which = "builtin" if path is None else str(path)
     keywords = which.split("+")
-    if all(k in BUILTIN_CALIBRATION for k in keywords):
+    if all(k in BUILTIN_SETS for k in keywords):  # anything else is a file
         chosen = {"corpus", "chat", "general"} if "builtin" in keywords else set(keywords)
         sources = []
         if "corpus" in chosen:

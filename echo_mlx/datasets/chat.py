@@ -94,6 +94,12 @@ def answer_scores(model, tokenizer, split: str = "heldout", batch_size: int = 8,
     """How a model scores the original's answers (the first ``limit`` of a split): mean NLL
     per answer token, and the fraction of answer tokens it ranks first (greedy agreement)."""
     items = examples(tokenizer, split)[:limit]
+    return {"answers": len(items), **target_scores(model, items, batch_size)}
+
+
+def target_scores(model, items, batch_size: int = 8) -> dict:
+    """Mean NLL, perplexity and top-1 share over the targets of (token ids, prompt length)
+    examples: every token at or after the prompt is scored (from the second on)."""
     nll, first, count = 0.0, 0, 0
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
@@ -110,5 +116,4 @@ def answer_scores(model, tokenizer, split: str = "heldout", batch_size: int = 8,
         nll += (losses * mask).sum().item()
         first += (top & mask).sum().item()
         count += mask.sum().item()
-    return {"answers": len(items), "tokens": int(count), "nll": nll / count, "ppl": math.exp(nll / count),
-            "top1": first / count}
+    return {"tokens": int(count), "nll": nll / count, "ppl": math.exp(nll / count), "top1": first / count}

@@ -20,7 +20,7 @@ held out (20 samples: measured, never trained on or chosen with),
 from pathlib import Path
 from typing import List, Optional
 
-from .chat import read_shipped_jsonl, split_of  # noqa: F401  (split_of: the same id-based splits as the chat set)
+from .chat import read_shipped_jsonl, split_of, target_scores  # noqa: F401  (split_of: the chat set's id-based splits)
 
 GENERAL_DIR = Path(__file__).resolve().parent / "generaldata"
 OPENINGS_FILE = GENERAL_DIR / "openings.jsonl"
@@ -60,25 +60,8 @@ def available() -> bool:
     return SAMPLES_FILE.is_file()
 
 
-
 def scores(model, tokenizer, split: str = "valid", batch_size: int = 8, limit: Optional[int] = None) -> dict:
     """How a model scores a split's samples (the first ``limit``), every token after the
     first: perplexity and the share of tokens it ranks first."""
-    import math
-
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    items = token_ids(tokenizer, split)[:limit]
-    nll, first, count = 0.0, 0, 0
-    for b in range(0, len(items), batch_size):
-        chunk = items[b : b + batch_size]
-        width = max(len(ids) for ids in chunk)
-        tokens = mx.array([ids + [0] * (width - len(ids)) for ids in chunk])
-        logits = model(tokens[:, :-1]).astype(mx.float32)
-        targets = tokens[:, 1:]
-        mask = mx.arange(1, width)[None] < mx.array([len(ids) for ids in chunk])[:, None]
-        nll += (nn.losses.cross_entropy(logits, targets, reduction="none") * mask).sum().item()
-        first += ((logits.argmax(-1) == targets) & mask).sum().item()
-        count += mask.sum().item()
-    return {"samples": len(items), "tokens": int(count), "ppl": math.exp(nll / count), "top1": first / count}
+    items = examples(tokenizer, split)[:limit]
+    return {"samples": len(items), **target_scores(model, items, batch_size)}

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import List, Tuple
 
-from ..datasets import corpus
+from ..datasets import BUILTIN_SETS, corpus
 from ..errors import EchoError
 
 
@@ -76,7 +76,7 @@ def _truncated(examples: List[Tuple[list, int]], max_seq_length: int, path) -> L
     return [(ids[:max_seq_length], min(offset, max_seq_length)) for ids, offset in examples]
 
 
-BUILTIN = ("builtin", "corpus", "chat", "general")  # --data keywords: every built-in set, or one of them
+BUILTIN = BUILTIN_SETS  # --data keywords
 
 
 def builtin_examples(tokenizer, seq_length: int, which: str = "builtin"):

@@ -93,7 +93,7 @@ class TeacherCache:
         names = [f"h{j}" for j in layers]
 
         def compute():
-            states = teacher_states(self.teacher, inputs)
+            states = teacher_states(self.teacher, inputs, upto=layers[-1])  # no layer above the last needed
             return [states[j] for j in layers]
 
         return dict(zip(layers, self._lookup(path, names, compute)))
