@@ -5,7 +5,7 @@ from fixtures import bpe_tokenizer_json
 
 from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows, split
 from echo_mlx.errors import EchoError
-from echo_mlx.tuner.data import builtin_windows, load_data_dir
+from echo_mlx.tuner.data import batches, builtin_windows, load_data_dir, spread_batches
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,14 @@ def test_builtin_windows_never_touch_the_heldout_half(tokenizer):
     assert used <= len(train_half)
     first_heldout = heldout_windows(tokens)[0]
     assert len(train_half) <= len(tokens) // 2 and first_heldout == tokens[len(tokens) // 2 : len(tokens) // 2 + 513]
+
+
+def test_validation_batches_span_the_lengths_not_only_the_shortest():
+    examples = [(list(range(1, n + 1)), 0) for n in range(3, 43)]  # 40 examples, lengths 3..42
+    picked = spread_batches(examples, 4, 64, 3)
+    widths = [int(lengths[:, 1].max()) for _, lengths in picked]
+    assert widths == [6, 22, 42]  # first, middle and last of the 10 length-sorted batches
+    every = spread_batches(examples, 4, 64, -1)
+    first = next(batches(examples, 4, 64, shuffle=False))
+    assert len(every) == 10 and (every[0][0] == first[0]).all()
+    assert len(spread_batches(examples, 4, 64, 50)) == 10

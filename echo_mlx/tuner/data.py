@@ -124,8 +124,7 @@ def batches(examples, batch_size: int, max_seq_length: int, *, seed: int = 0, st
         raise EchoError(f"--batch-size {batch_size} must be divisible by the {world_size} distributed ranks")
     if len(examples) < batch_size:
         raise EchoError(f"{len(examples)} examples are fewer than --batch-size {batch_size}: add data or lower --batch-size")
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    groups = _length_sorted_groups(examples, batch_size)
     number = start
     while True:
         epoch, index = divmod(number, len(groups))
@@ -133,6 +132,23 @@ def batches(examples, batch_size: int, max_seq_length: int, *, seed: int = 0, st
         chosen = [examples[i] for i in groups[permutation[index]][rank::world_size]]
         yield _pad(chosen, max_seq_length)
         number += 1
+
+
+def spread_batches(examples, batch_size: int, max_seq_length: int, count: int, *, rank: int = 0, world_size: int = 1):
+    """``count`` (batch, lengths) pairs spread evenly over the length-sorted
+    batches (all of them for count -1), for validation: the first ``count``
+    batches in length order would score only the shortest examples."""
+    import numpy as np
+
+    groups = _length_sorted_groups(examples, batch_size)
+    count = len(groups) if count == -1 else max(1, min(count, len(groups)))
+    picked = sorted(set(np.linspace(0, len(groups) - 1, count).round().astype(int).tolist()))
+    return [_pad([examples[i] for i in groups[g][rank::world_size]], max_seq_length) for g in picked]
+
+
+def _length_sorted_groups(examples, batch_size: int):
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
 def _pad(chosen, max_seq_length: int):

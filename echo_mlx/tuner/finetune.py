@@ -38,7 +38,7 @@ from ..errors import EchoError
 from ..generate import model_fingerprint
 from ..io import checkpoint
 from ..models.plans import SharingPlan
-from .data import BUILTIN, batches, builtin_examples, load_data_dir
+from .data import BUILTIN, batches, builtin_examples, load_data_dir, spread_batches
 from .distill import distillation_loss, teacher_statistics
 from .schedule import build_stages, stage_at
 from .trainstate import TrainState, check_same_config, load_state, save_state
@@ -198,14 +198,11 @@ def make_loss(teacher, alpha: float, temperature: float, cache=None):
 
 
 def evaluate(model, loss, examples, args: FinetuneArgs, rank: int, size: int) -> float:
-    """Mean loss over the first ``val_batches`` validation batches (fixed order)."""
+    """Mean loss over ``val_batches`` validation batches spread over the lengths (fixed)."""
     if not examples:
         return float("nan")
     total, count = mx.array(0.0), mx.array(0.0)
-    n = len(examples) // args.batch_size if args.val_batches == -1 else min(args.val_batches, len(examples) // args.batch_size)
-    source = batches(examples, args.batch_size, args.max_seq_length, shuffle=False, rank=rank, world_size=size)
-    for _ in range(max(n, 1)):
-        batch, lengths = next(source)
+    for batch, lengths in spread_batches(examples, args.batch_size, args.max_seq_length, args.val_batches, rank=rank, world_size=size):
         s, c = loss(model, batch, lengths)
         total, count = total + s, count + c
         mx.eval(total, count)
