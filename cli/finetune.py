@@ -14,7 +14,10 @@ def finetune(
     kv_init: Optional[str] = typer.Option(None, help="Producer K/V init when converting: own | mean | fit (fitted to the original on the built-in data, minutes)."),
     teacher: Optional[str] = typer.Option(None, help="'default' (the model the checkpoint was converted from), a source model, or 'none'."),
     data: Optional[str] = typer.Option(None, help="mlx-lm data dir (train/valid.jsonl), or 'corpus' / 'chat' / 'general' for one built-in set; default: all three built-in sets."),
-    fine_tune_type: Optional[str] = typer.Option(None, help="lora | dora | full."),
+    fine_tune_type: Optional[str] = typer.Option(None, help="lora | dora | dylora (one adapter for every rank up to --lora-rank) | full."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (dylora: the largest rank trained); sets lora_parameters' rank."),
+    min_rank: Optional[int] = typer.Option(None, help="dylora: the smallest rank trained (default 1)."),
+    rank_sampling: Optional[str] = typer.Option(None, help="dylora: uniform (every rank in the range) | powers (min, 2 min, 4 min, ..., max)."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
     batch_size: Optional[int] = typer.Option(None),
     iters: Optional[int] = typer.Option(None),
@@ -49,6 +52,10 @@ def finetune(
     given = {k: v for k, v in locals().items() if k not in ("config", "settings", "run", "FinetuneArgs") and v is not None}
     if not resume:
         given.pop("resume")
+    # Rank flags refine lora_parameters (the config file's, else the default's), as mlx-lm's keys.
+    rank_flags = {key: given.pop(flag) for flag, key in (("lora_rank", "rank"), ("min_rank", "min_rank"), ("rank_sampling", "rank_sampling")) if flag in given}
+    if rank_flags:
+        given["lora_parameters"] = {**FinetuneArgs().lora_parameters, **settings.get("lora_parameters", {}), **rank_flags}
     unknown = set(settings) - set(FinetuneArgs.__dataclass_fields__)
     if unknown:
         raise EchoError(f"{config}: unknown keys {', '.join(sorted(unknown))}: use the names of `echo-mlx finetune --help` with underscores")

@@ -13,6 +13,7 @@ def generate(
     model: str = typer.Option("default", help="An echo checkpoint, or a source model converted on the fly with --plan."),
     plan: Optional[str] = typer.Option(None, help="Sharing plan when --model is not an echo checkpoint ('none': unshared). Default: the shipped adapted model for --model default, else none."),
     adapter_path: Optional[str] = typer.Option(None, help="LoRA adapters written by finetune."),
+    lora_rank: Optional[int] = typer.Option(None, help="dylora adapters: the rank to run (default: the largest trained)."),
     prompt: str = typer.Option("Hello", "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Batched generation: one prompt per line."),
     batch_size: int = typer.Option(8, help="Sequences decoded together with --prompts-file."),
@@ -50,7 +51,7 @@ def generate(
     sampler = gen.sampler_from(temp, top_p, top_k, min_p)
     if seed is not None:
         mx.random.seed(seed)
-    model_, tokenizer = load_model(model, plan, adapter_path)
+    model_, tokenizer = load_model(model, plan, adapter_path, lora_rank)
 
     if prompts_file is not None:
         lines = [l for l in prompts_file.read_text().splitlines() if l.strip()] if prompts_file.is_file() else []

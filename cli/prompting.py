@@ -8,7 +8,7 @@ import typer
 from echo_mlx.errors import EchoError
 
 
-def load_model(model: str, plan: Optional[str], adapter_path: Optional[str]):
+def load_model(model: str, plan: Optional[str], adapter_path: Optional[str], lora_rank: Optional[int] = None):
     from echo_mlx.api import load
     from echo_mlx.io import shipped
 
@@ -21,12 +21,7 @@ def load_model(model: str, plan: Optional[str], adapter_path: Optional[str]):
                    f"held-out perplexity {r['adapted_ppl']:.2f} (original {r['original_ppl']:.2f}); --plan none runs the original",
                    err=True)
         return loaded
-    model_, tokenizer = load(model, plan=plan or "none")
-    if adapter_path is not None:
-        from echo_mlx.tuner import adapters
-
-        model_ = adapters.apply(model_, adapter_path, model)
-    return model_, tokenizer
+    return load(model, plan=plan or "none", adapter_path=adapter_path, lora_rank=lora_rank)
 
 
 def read_prompt(prompt: str) -> str:

@@ -228,12 +228,13 @@ def test_yaml_config_sets_mlx_lm_style_keys(six_layer_source, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux" and sys.platform != "darwin", reason="ring backend over TCP")
-def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path):
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dylora"])  # dylora: every rank draws the same ranks
+def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path, fine_tune_type):
     script = tmp_path / "job.py"
     script.write_text(
         "import sys\nimport echo_mlx\nfrom echo_mlx.tuner.finetune import FinetuneArgs, finetune\n"
         # corpus windows only: equal-length rows, so both runs sum the same terms in the same order
-        f"finetune(FinetuneArgs(model={six_layer_source!r}, plan='cla:2', data='corpus', iters=3, batch_size=4, max_seq_length=64, "
+        f"finetune(FinetuneArgs(model={six_layer_source!r}, plan='cla:2', fine_tune_type={fine_tune_type!r}, data='corpus', iters=3, batch_size=4, max_seq_length=64, "
         "steps_per_report=1, steps_per_eval=3, learning_rate=1e-3, adapter_path=sys.argv[1]))\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -246,5 +247,8 @@ def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path):
     one = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     two = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     assert one.keys() == two.keys()
+    # Adam's normalised steps magnify summation-order rounding where a gradient is near zero
+    # (dylora's components that the early, small ranks left untrained).
+    atol = 1e-5 if fine_tune_type == "lora" else 1e-4
     for k in one:
-        np.testing.assert_allclose(np.array(two[k]), np.array(one[k]), atol=1e-5)
+        np.testing.assert_allclose(np.array(two[k]), np.array(one[k]), atol=atol)

@@ -1,4 +1,4 @@
-"""Trainable weights on top of an echo model: LoRA, DoRA or full layers.
+"""Trainable weights on top of an echo model: LoRA, DoRA, dynamic-rank LoRA or full layers.
 
 The adapter directory is mlx-lm's (``adapter_config.json`` with
 ``fine_tune_type``, ``num_layers``, ``lora_parameters``, and
@@ -18,8 +18,9 @@ from mlx.utils import tree_flatten
 
 from ..errors import EchoError
 from ..models.plans import plan_id
+from .dylora import RankRange, set_rank, to_dynamic
 
-FINE_TUNE_TYPES = ("lora", "dora", "full")
+FINE_TUNE_TYPES = ("lora", "dora", "dylora", "full")
 CONFIG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
 
 
@@ -38,7 +39,11 @@ def make_trainable(model: nn.Module, fine_tune_type: str, trainable_from: int, l
     missing = {"rank", "scale", "dropout"} - set(lora_parameters)
     if missing:
         raise EchoError(f"lora_parameters lacks {', '.join(sorted(missing))}: give rank, scale and dropout (as mlx-lm)")
+    if fine_tune_type == "dylora":
+        RankRange.from_parameters(lora_parameters)  # a bad range is refused before any layer changes
     linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=fine_tune_type == "dora")
+    if fine_tune_type == "dylora":
+        to_dynamic(model)  # same arrays (and initialisation) as LoRA at rank R; a rank per step
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -86,8 +91,18 @@ def read_config(path) -> dict:
         raise EchoError(f"{path / CONFIG} is not valid JSON ({e}): re-run finetune")
 
 
-def apply(model: nn.Module, path, model_name: str = "the model") -> nn.Module:
-    """Load the adapters in ``path`` onto ``model``, refusing ones trained for another model or plan."""
+def rank_range(config: dict):
+    """The RankRange of a dylora adapter's config; None for other adapters."""
+    if config.get("fine_tune_type") != "dylora":
+        return None
+    return RankRange.from_parameters(config.get("lora_parameters", {}))
+
+
+def apply(model: nn.Module, path, model_name: str = "the model", *, lora_rank=None) -> nn.Module:
+    """Load the adapters in ``path`` onto ``model``, refusing ones trained for another model or plan.
+
+    ``lora_rank`` picks the rank of a dylora adapter (default: its maximum); other
+    adapters accept only the rank they were trained at."""
     from mlx_lm.tuner.utils import load_adapters
 
     from ..generate import model_fingerprint
@@ -105,11 +120,26 @@ def apply(model: nn.Module, path, model_name: str = "the model") -> nn.Module:
             f"adapters in {path} were trained on different base weights ({echo.get('model')}), not {model_name}: "
             f"pass the --model they were trained on"
         )
+    ranks = rank_range(config)
+    if ranks is None and lora_rank is not None:
+        trained = config.get("lora_parameters", {}).get("rank") if config.get("fine_tune_type") != "full" else None
+        if lora_rank != trained:
+            kind = config.get("fine_tune_type", "lora")
+            at = f"at the fixed rank {trained}" if trained else "as full layers"
+            raise EchoError(
+                f"adapters in {path} were trained {at} ({kind}), so --lora-rank {lora_rank} does not apply: "
+                f"drop --lora-rank, or train with --fine-tune-type dylora"
+            )
+    if ranks is not None:
+        ranks.check(ranks.max_rank if lora_rank is None else lora_rank, path)
     try:
         load_adapters(model, str(path))
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EchoError(f"adapters in {path} do not fit {model_name} ({first}): use adapters trained for this model and plan")
+    if ranks is not None:
+        to_dynamic(model)
+        set_rank(model, ranks.max_rank if lora_rank is None else lora_rank)
     model.eval()
     return model
 

@@ -40,6 +40,7 @@ from ..io import checkpoint
 from ..models.plans import SharingPlan
 from .data import BUILTIN, batches, builtin_examples, load_data_dir, spread_batches
 from .distill import distillation_loss, teacher_statistics
+from .dylora import RankRange, set_rank
 from .schedule import build_stages, stage_at
 from .trainstate import TrainState, check_same_config, load_state, save_state
 
@@ -281,6 +282,10 @@ def _check_args(args: FinetuneArgs):
         raise EchoError("--kd-alpha needs a teacher: drop --teacher none or set --kd-alpha 0")
     if args.save_every < 1 or args.steps_per_report < 1 or args.steps_per_eval < 1:
         raise EchoError("--save-every, --steps-per-report and --steps-per-eval must be at least 1")
+    if args.fine_tune_type not in adapters.FINE_TUNE_TYPES:
+        raise EchoError(f"unknown --fine-tune-type {args.fine_tune_type!r}: use one of {', '.join(adapters.FINE_TUNE_TYPES)}")
+    if args.fine_tune_type == "dylora":
+        RankRange.from_parameters(args.lora_parameters)
 
 
 @dataclass
@@ -357,11 +362,14 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     tokens_seen = state.data_position.get("tokens", 0) if state else 0
     tokens_at_start = tokens_seen
     last_good = None  # (step, trainable weights, optimizer state, tokens seen)
+    ranks = RankRange.from_parameters(args.lora_parameters) if args.fine_tune_type == "dylora" else None
     started = time.perf_counter()
 
     def validate(student, k, step, on_target, config_for_adapters, best):
         """Validation cross-entropy at ``step``, logged; the adapters saved if they are the best so far."""
         student.eval()
+        if ranks is not None:
+            set_rank(student, ranks.max_rank)  # the best step is chosen at the full rank
         val = evaluate(student, ce_loss, valid, args, rank, size)
         metrics.write(step=step, stage=k, val_loss=val, teacher_val_loss=teacher_val, tokens=tokens_seen)
         bar.print(f"step {step:>5}  val loss {val:.4f}" + (f"  (teacher {teacher_val:.4f})" if teacher_val else ""))
@@ -405,11 +413,15 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                 # teacher): score it, so no step that makes things worse is kept as "best".
                 best = validate(student, k, step, on_target, config_for_adapters, best)
             student.train()
-            window_loss, window_tokens, window_time = 0.0, 0, 0.0
+            window_loss, window_tokens, window_time, window_ranks = 0.0, 0, 0.0, []
             while step < stage.last_step:
                 step += 1
                 tic = time.perf_counter()
                 mx.random.seed(args.seed * 1_000_003 + step)  # dropout draws: a function of the step
+                if ranks is not None:  # DyLoRA: this step trains the first `sampled` components
+                    sampled = ranks.sample(args.seed, step)
+                    set_rank(student, sampled)
+                    window_ranks.append(sampled)
                 grads, loss_sum, tokens = None, mx.array(0.0), mx.array(0.0)
                 for _ in range(args.grad_accumulation_steps):
                     batch, lengths = next(data)
@@ -442,10 +454,10 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     metrics.write(
                         step=step, stage=k, kind=stage.kind, train_loss=window_loss / window_tokens, tokens=tokens_seen,
                         tokens_per_second=window_tokens / window_time, learning_rate=optimizer.learning_rate.item(),
-                        elapsed=time.perf_counter() - started,
+                        elapsed=time.perf_counter() - started, **({"ranks": window_ranks} if ranks else {}),
                     )
                     bar.print(f"step {step:>5}  loss {window_loss / window_tokens:.4f}  {window_tokens / window_time:,.0f} tok/s")
-                    window_loss, window_tokens, window_time = 0.0, 0, 0.0
+                    window_loss, window_tokens, window_time, window_ranks = 0.0, 0, 0.0, []
                 if valid and (step % args.steps_per_eval == 0 or step == stage.last_step):
                     best = validate(student, k, step, on_target, config_for_adapters, best)
                     student.train()

@@ -1,0 +1,129 @@
+"""Dynamic-rank LoRA (DyLoRA; QDyLoRA on a quantized base): one adapter for every rank up to R.
+
+Each training step samples one rank b from the configured range and trains
+the truncated adapter: the first b columns of A and the first b rows of B
+(mlx-lm's layout, ``x @ A @ B``). Components past b take no part in that
+step, so their gradients are zero; the leading components, in every sampled
+adapter, learn the most. After one run, the first r components are a usable
+adapter for any trained rank r: pick it at deploy time.
+
+The scale is the same at every rank, so a rank-r forward is exactly the sum
+of the first r components' updates, and mlx-lm (which reads these adapters
+as ordinary LoRA, ``fine_tune_type`` aside) runs them at rank R.
+
+``lora_parameters`` as mlx-lm's, plus ``min_rank`` (default 1) and
+``rank_sampling``: ``uniform`` (every rank in min_rank..rank equally likely)
+or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank).
+"""
+
+from dataclasses import dataclass
+from typing import List
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRALinear
+from mlx.utils import tree_unflatten
+
+from ..errors import EchoError
+
+SAMPLINGS = ("uniform", "powers")
+
+
+class DyLoRALinear(LoRALinear):
+    """mlx-lm's LoRALinear whose first ``active_rank`` components are used."""
+
+    @classmethod
+    def from_lora(cls, lora: LoRALinear) -> "DyLoRALinear":
+        max_rank, output_dims = lora.lora_b.shape
+        # (Its own random A is discarded unevaluated: MLX is lazy.)
+        layer = cls(lora.lora_a.shape[0], output_dims, r=max_rank, scale=lora.scale)
+        layer.linear, layer.dropout = lora.linear, lora.dropout
+        layer.lora_a, layer.lora_b = lora.lora_a, lora.lora_b
+        return layer
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active_rank = self.lora_b.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_b.shape[0]
+
+    def __call__(self, x):
+        r = self.active_rank
+        z = (self.dropout(x) @ self.lora_a[:, :r]) @ self.lora_b[:r]
+        return self.linear(x) + (self.scale * z).astype(x.dtype)
+
+    def fuse(self, dequantize: bool = False):
+        """The base with the rank-``active_rank`` update folded in."""
+        truncated = LoRALinear.from_base(self.linear, r=self.active_rank, scale=self.scale)
+        truncated.lora_a, truncated.lora_b = self.lora_a[:, : self.active_rank], self.lora_b[: self.active_rank]
+        return truncated.fuse(dequantize)
+
+
+@dataclass(frozen=True)
+class RankRange:
+    """The ranks an adapter trains for, and how each step draws one."""
+
+    min_rank: int
+    max_rank: int
+    sampling: str = "uniform"
+
+    @classmethod
+    def from_parameters(cls, lora_parameters: dict) -> "RankRange":
+        max_rank, min_rank = lora_parameters.get("rank"), lora_parameters.get("min_rank", 1)
+        sampling = lora_parameters.get("rank_sampling", "uniform")
+        for name, value in (("rank", max_rank), ("min_rank", min_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EchoError(f"lora_parameters {name} must be a whole number >= 1, not {value!r}")
+        if min_rank > max_rank:
+            raise EchoError(f"the rank range {min_rank}..{max_rank} is empty: give min_rank <= rank")
+        if sampling not in SAMPLINGS:
+            raise EchoError(f"unknown rank_sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
+        return cls(min_rank, max_rank, sampling)
+
+    def choices(self) -> List[int]:
+        if self.sampling == "uniform":
+            return list(range(self.min_rank, self.max_rank + 1))
+        ranks, r = [], self.min_rank
+        while r < self.max_rank:
+            ranks.append(r)
+            r *= 2
+        return ranks + [self.max_rank]
+
+    def sample(self, seed: int, step: int) -> int:
+        """The rank of training step ``step``: a function of (seed, step) alone, so
+        every distributed rank draws the same one and ``--resume`` redraws them exactly."""
+        import numpy as np
+
+        choices = self.choices()
+        return choices[int(np.random.default_rng([seed, step, 0x0D71]).integers(len(choices)))]
+
+    def check(self, rank: int, path) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not self.min_rank <= rank <= self.max_rank:
+            raise EchoError(
+                f"--lora-rank {rank} is outside the ranks the adapters in {path} were trained for "
+                f"({self.min_rank}..{self.max_rank}): pick one in that range"
+            )
+        return rank
+
+    def describe(self) -> str:
+        return f"ranks {self.min_rank}..{self.max_rank} ({self.sampling})"
+
+
+def to_dynamic(model: nn.Module) -> List[DyLoRALinear]:
+    """Replace every LoRALinear in ``model`` by a DyLoRALinear holding the same arrays."""
+    swapped = [(name, DyLoRALinear.from_lora(m)) for name, m in model.named_modules() if type(m) is LoRALinear]
+    if swapped:
+        model.update_modules(tree_unflatten(swapped))
+    return [m for _, m in swapped]
+
+
+def dynamic_layers(model: nn.Module) -> List[DyLoRALinear]:
+    return [m for _, m in model.named_modules() if isinstance(m, DyLoRALinear)]
+
+
+def set_rank(model: nn.Module, rank: int) -> None:
+    """Use the first ``rank`` components of every dynamic adapter in ``model``."""
+    for layer in dynamic_layers(model):
+        layer.active_rank = rank

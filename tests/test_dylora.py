@@ -1,0 +1,188 @@
+"""Dynamic-rank adapters (echo_mlx.tuner.dylora): one run, any rank 1..R at deploy time."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from echo_mlx.api import load
+from echo_mlx.cli import main
+from echo_mlx.errors import EchoError
+from echo_mlx.tuner import adapters
+from echo_mlx.tuner.dylora import DyLoRALinear, RankRange, dynamic_layers, set_rank
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune
+
+from fixtures import QUICK
+
+DYLORA = dict(fine_tune_type="dylora", lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0})
+
+
+def layer(max_rank=6, dtype=mx.float64, seed=0):
+    mx.random.seed(seed)
+    with mx.stream(mx.cpu):
+        lora = LoRALinear.from_base(nn.Linear(8, 5), r=max_rank, scale=3.0)
+        lora.lora_b = mx.random.normal(lora.lora_b.shape)  # trained-looking: B is zero at initialisation
+        lora.set_dtype(dtype)
+    return DyLoRALinear.from_lora(lora)
+
+
+def run(source, path, **kw):
+    return finetune(FinetuneArgs(model=source, adapter_path=str(path), **dict(QUICK, **dict(DYLORA, **kw))))
+
+
+def cli(*argv):
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_a_rank_b_forward_is_the_first_b_components_of_the_full_adapter():
+    dy = layer()
+    x = mx.random.normal((3, 8)).astype(mx.float64)
+    with mx.stream(mx.cpu):  # float64 runs on the CPU
+        base = np.array(dy.linear(x))
+        a, b, xs = np.array(dy.lora_a), np.array(dy.lora_b), np.array(x)
+        for rank in range(1, dy.max_rank + 1):
+            dy.active_rank = rank
+            components = sum(np.outer(xs @ a[:, i], b[i]).reshape(3, 5) for i in range(rank))
+            assert np.allclose(np.array(dy(x)), base + 3.0 * components, rtol=0, atol=1e-12)
+            # ... and exactly what mlx-lm's LoRA of rank b computes with the truncated arrays.
+            plain = LoRALinear.from_base(dy.linear, r=rank, scale=3.0)
+            plain.lora_a, plain.lora_b = dy.lora_a[:, :rank], dy.lora_b[:rank]
+            assert mx.array_equal(plain(x), dy(x)).item()
+
+
+def test_gradients_reach_only_the_sampled_components():
+    dy = layer(dtype=mx.float32)
+    dy.freeze(keys=["linear"])
+    x = mx.random.normal((4, 8))
+    for rank in (1, 3, 6):
+        dy.active_rank = rank
+        grads = dict(tree_flatten(nn.value_and_grad(dy, lambda m, x: (m(x) ** 2).sum())(dy, x)[1]))
+        assert set(grads) == {"lora_a", "lora_b"}
+        assert mx.all(grads["lora_a"][:, rank:] == 0).item() and mx.all(grads["lora_b"][rank:] == 0).item()
+        assert mx.all(mx.any(grads["lora_a"][:, :rank] != 0, axis=0)).item()
+        assert mx.all(mx.any(grads["lora_b"][:rank] != 0, axis=1)).item()
+
+
+def test_rank_ranges_their_draws_and_bad_ranges():
+    assert RankRange.from_parameters({"rank": 16}).choices() == list(range(1, 17))
+    powers = RankRange.from_parameters({"rank": 12, "min_rank": 2, "rank_sampling": "powers"})
+    assert powers.choices() == [2, 4, 8, 12]
+    draws = [powers.sample(0, step) for step in range(1, 200)]
+    assert set(draws) == {2, 4, 8, 12} and draws == [powers.sample(0, step) for step in range(1, 200)]
+    assert draws != [powers.sample(1, step) for step in range(1, 200)]
+    for parameters, words in (({"rank": 4, "min_rank": 5}, "is empty"), ({"rank": 0}, "rank must be"),
+                              ({"rank": 4, "min_rank": 1.5}, "min_rank must be"),
+                              ({"rank": 4, "rank_sampling": "normal"}, "unknown rank_sampling")):
+        with pytest.raises(EchoError, match=words):
+            RankRange.from_parameters(parameters)
+
+
+def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_source, tmp_path):
+    kw = dict(plan="yoco", iters=8, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.1})
+    run(six_layer_source, tmp_path / "straight", **kw)
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **dict(DYLORA, **kw))),
+             stop_after=5)
+    run(six_layer_source, tmp_path / "stopped", **kw, resume=True)
+    records = lambda run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if "train_loss" in l]
+    straight, resumed = records("straight"), records("stopped")
+    assert [r["ranks"] for r in resumed] == [r["ranks"] for r in straight]
+    assert len({r["ranks"][0] for r in straight}) > 1  # the rank does change from step to step
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]  # bit-identical
+    config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dylora" and config["lora_parameters"]["rank"] == 4
+
+
+@pytest.mark.parametrize("schedule", [dict(schedule="progressive", iters=6), dict(layerwise_iters=3, iters=6)])
+def test_the_progressive_schedule_and_the_layer_wise_phase_train_sampled_ranks(six_layer_source, tmp_path, schedule):
+    run(six_layer_source, tmp_path / "run", plan="yoco", **schedule)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train_loss" in l]
+    assert len(records) == 6 and all(len(r["ranks"]) == 1 and 1 <= r["ranks"][0] <= 4 for r in records)
+    model, _ = load(six_layer_source, plan="yoco", adapter_path=str(tmp_path / "run"), lora_rank=1)
+    assert dynamic_layers(model) and {m.active_rank for m in dynamic_layers(model)} == {1}
+
+
+@pytest.fixture(scope="module")
+def trained(six_layer_source, tmp_path_factory):
+    path = tmp_path_factory.mktemp("dylora") / "run"
+    run(six_layer_source, path, plan="cla:2", iters=6, learning_rate=3e-3)
+    return path
+
+
+def test_fuse_at_a_rank_equals_the_unfused_adapters_at_that_rank(six_layer_source, trained, tmp_path):
+    import mlx_lm
+
+    x = mx.array([[3, 5, 7, 11, 13, 17]])
+    at = {}
+    for rank in (1, 2, 4):
+        model, _ = load(six_layer_source, plan="cla:2", adapter_path=str(trained), lora_rank=rank)
+        assert {m.active_rank for m in dynamic_layers(model)} == {rank}
+        at[rank] = model(x)
+        assert cli("fuse", "--model", six_layer_source, "--plan", "cla:2", "--adapter-path", str(trained),
+                   "--lora-rank", str(rank), "--out", str(tmp_path / f"r{rank}")) == 0
+        fused, _ = load(str(tmp_path / f"r{rank}"))
+        assert mx.allclose(fused(x), at[rank], atol=1e-4).item()
+    assert not mx.allclose(at[1], at[4], atol=1e-3).item()  # the rank matters
+    # Stock mlx-lm reads the adapters as ordinary LoRA: the full rank.
+    base = tmp_path / "base"
+    assert cli("convert", "--model", six_layer_source, "--plan", "cla:2", "--out", str(base)) == 0
+    stock, _ = mlx_lm.load(str(base), adapter_path=str(trained), trust_remote_code=True)
+    assert mx.allclose(stock(x), at[4], atol=1e-4).item()
+
+
+def test_generate_runs_a_chosen_rank_and_refuses_ranks_out_of_range(six_layer_source, trained, capsys):
+    common = ("generate", "--model", six_layer_source, "--plan", "cla:2", "--adapter-path", str(trained),
+              "--prompt", "hi", "--max-tokens", "2", "--verbose", "False")
+    assert cli(*common, "--lora-rank", "2") == 0
+    capsys.readouterr()
+    for rank in ("5", "0"):
+        assert cli(*common, "--lora-rank", rank) == 2
+        err = capsys.readouterr().err.strip()
+        assert "outside the ranks" in err and "1..4" in err and len(err.splitlines()) == 1
+
+
+def test_a_fixed_rank_adapter_refuses_another_rank(six_layer_source, tmp_path, capsys):
+    path = tmp_path / "lora"
+    finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(path), plan="cla:2", iters=2,
+                          lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0}, **QUICK))
+    model, _ = load(six_layer_source, plan="cla:2", adapter_path=str(path), lora_rank=4)  # its own rank is fine
+    with pytest.raises(EchoError, match="fixed rank 4"):
+        load(six_layer_source, plan="cla:2", adapter_path=str(path), lora_rank=2)
+    with pytest.raises(EchoError, match="pass --adapter-path"):
+        load(six_layer_source, plan="cla:2", lora_rank=2)
+
+
+def test_finetune_flags_set_the_rank_range_and_an_empty_range_is_one_line(six_layer_source, tmp_path, capsys):
+    base = ("finetune", "--model", six_layer_source, "--plan", "cla:2", "--fine-tune-type", "dylora", "--iters", "2",
+            "--batch-size", "2", "--max-seq-length", "64")
+    assert cli(*base, "--lora-rank", "6", "--min-rank", "2", "--rank-sampling", "powers",
+               "--adapter-path", str(tmp_path / "run")) == 0
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["lora_parameters"]
+    assert saved["rank"] == 6 and saved["min_rank"] == 2 and saved["rank_sampling"] == "powers"
+    capsys.readouterr()
+    assert cli(*base, "--lora-rank", "4", "--min-rank", "8", "--adapter-path", str(tmp_path / "empty")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rank range 8..4 is empty" in err and len(err.splitlines()) == 1
+
+
+def test_a_quantized_base_stays_quantized_and_its_loss_tracks_the_float_base(six_layer_source, tmp_path):
+    curves = {}
+    for name, flags in (("float", ()), ("q4", ("-q", "--q-group-size", "32"))):
+        assert cli("convert", "--model", six_layer_source, "--plan", "cla:2", *flags, "--out", str(tmp_path / name)) == 0
+        run(str(tmp_path / name), tmp_path / f"run-{name}", iters=12, data="corpus")
+        curves[name] = np.array([json.loads(l)["train_loss"] for l in (tmp_path / f"run-{name}" / "metrics.jsonl").read_text().splitlines()
+                                 if "train_loss" in l])
+    for curve in curves.values():
+        assert len(curve) == 12 and curve[-4:].mean() < 0.8 * curve[:4].mean()
+    assert np.all(np.abs(curves["q4"] / curves["float"] - 1) < 0.15)  # the same ranks and batches: close step by step
+    model, _ = load(str(tmp_path / "q4"), adapter_path=str(tmp_path / "run-q4"), lora_rank=2)
+    wrapped = dynamic_layers(model)
+    assert wrapped and all(isinstance(m.linear, nn.QuantizedLinear) for m in wrapped)
