@@ -98,7 +98,8 @@ def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_so
     assert len({r["ranks"][0] for r in straight}) > 1  # the rank does change from step to step
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]  # bit-identical
     config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
-    assert config["fine_tune_type"] == "dylora" and config["lora_parameters"]["rank"] == 4
+    assert config["fine_tune_type"] == "dylora"
+    assert {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling")} == {"rank": 4, "min_rank": 1, "rank_sampling": "uniform"}
 
 
 @pytest.mark.parametrize("schedule", [dict(schedule="progressive", iters=6), dict(layerwise_iters=3, iters=6)])

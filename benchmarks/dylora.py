@@ -1,0 +1,190 @@
+"""Dynamic-rank adapters: one dylora run against fixed-rank LoRA runs, and a finetune step on a 4-bit base.
+
+    python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--plan PLAN] [--out runs/dylora]
+        [--skip-quantized]
+
+Part 1 (float32 base, for speed on a CPU). The default model converted naively
+(``--kv-init own``) to ``--plan`` (default: the shipped model's plan), so the
+adapters have damage to repair. Then, with one budget per run (``--iters`` KD
+steps of 4 x 256 tokens of the built-in data, LoRA scale 20 on the layers the
+plan changed, lr ``--learning-rate``, the best step by validation loss):
+
+- one ``--fine-tune-type dylora`` run, ranks min(--ranks)..max(--ranks), uniform;
+- one fixed-rank LoRA run per rank in ``--ranks``.
+
+Every run trains on the same batches, so the teacher's top-k outputs are kept in
+a shared teacher cache: the first run (dylora) computes them, the others read
+them. Held-out perplexity (16 x 512 targets, echo_mlx.analysis.evaluate) of the
+dylora adapter at each rank against that rank's own run; the goal is every rank
+within 5%.
+
+Part 2 (4-bit base): the same plan converted with ``-q`` (4 bits, group 64)
+and in float32; for each, the memory of one training step (dylora, rank
+max(--ranks), batch 1 x 128, no teacher: MLX's peak memory over the step and
+the active memory before it), and a short KD run on both (batch 1 x 128,
+``--quantized-iters`` steps, the same batches and ranks) to show the loss
+curves side by side. MLX's CPU quantized matmuls are slow (~10x float32 here),
+so this part is short.
+
+Writes OUT/dylora.json and benchmarks/dylora.png (perplexity against rank).
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from echo_mlx import blas
+from echo_mlx.analysis.evaluate import perplexity
+from echo_mlx.api import load
+from echo_mlx.conversion.convert import convert
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.io import shipped
+from echo_mlx.tuner import adapters
+from echo_mlx.tuner.dylora import set_rank
+from echo_mlx.tuner.finetune import FinetuneArgs, finetune, make_loss
+from echo_mlx.tuner.plot import save_figure
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+parser.add_argument("--iters", type=int, default=16)
+parser.add_argument("--learning-rate", type=float, default=1e-4)
+parser.add_argument("--plan", default=None, help="default: the shipped model's plan")
+parser.add_argument("--out", default="runs/dylora")
+parser.add_argument("--png", default="benchmarks/dylora.png")
+parser.add_argument("--quantized-iters", type=int, default=8)
+parser.add_argument("--skip-quantized", action="store_true")
+SCALE = 20.0
+
+
+def run(args, name: str, fine_tune_type: str, lora_parameters: dict, **overrides):
+    """One finetune run; (its directory, CPU minutes)."""
+    settings = dict(
+        model="default", plan=args.plan, kv_init="own", fine_tune_type=fine_tune_type, lora_parameters=lora_parameters,
+        iters=args.iters, learning_rate=args.learning_rate, batch_size=4, max_seq_length=256,
+        steps_per_report=4, steps_per_eval=max(args.iters // 2, 1), val_batches=8, save_every=args.iters,
+        teacher_cache=str(Path(args.out) / "teacher"), adapter_path=str(Path(args.out) / name),
+    )
+    cpu = time.process_time()
+    finetune(FinetuneArgs(**{**settings, **overrides}))
+    return Path(settings["adapter_path"]), (time.process_time() - cpu) / 60
+
+
+def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
+    model, _ = load("default", plan=args.plan, adapter_path=str(path), lora_rank=rank)
+    return perplexity(model, windows)
+
+
+def plot(rows, naive, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ranks = [r["rank"] for r in rows]
+    ax.plot(ranks, [r["fixed"] for r in rows], "o-", label="fixed-rank LoRA (one run per rank)")
+    ax.plot(ranks, [r["dylora"] for r in rows], "s--", label="dylora (one run, rank chosen after)")
+    ax.axhline(naive, color="0.6", lw=1, label=f"naive start {naive:.1f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("adapter rank")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("one dynamic-rank run vs a run per rank (same budget per run)", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def step_memory(plan: str, quantize: bool, rank: int) -> dict:
+    """MiB: active memory of the model with its adapters, and the peak over one training step."""
+    model, _, _, _ = convert("default", plan, quantize=quantize, dtype="float32")
+    adapters.make_trainable(model, "dylora", 0, {"rank": rank, "scale": SCALE, "dropout": 0.0})
+    mx.eval(model.parameters())
+    value_and_grad = nn.value_and_grad(model, make_loss(None, 0.0, 1.0))
+    optimizer = optim.Adam(learning_rate=1e-4)
+    batch, lengths = mx.random.randint(0, 49152, (1, 129), key=mx.random.key(0)), mx.array([[0, 128]])
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    tic = time.perf_counter()
+    (loss_sum, count), grads = value_and_grad(model, batch, lengths)
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
+    seconds = time.perf_counter() - tic
+    result = {"active_mib": before / 2**20, "peak_mib": mx.get_peak_memory() / 2**20, "step_s": seconds}
+    del model, value_and_grad, optimizer, grads
+    return result
+
+
+def curve(path: Path):
+    return [r["train_loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+
+
+def main():
+    args = parser.parse_args()
+    args.plan = args.plan or shipped.read_card()["plan"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    low, high = min(args.ranks), max(args.ranks)
+    print(f"plan {args.plan} from a naive start; per run {args.iters} KD steps of 4 x 256 tokens (built-in data), "
+          f"lr {args.learning_rate}, LoRA scale {SCALE}; dylora ranks {low}..{high} uniform")
+    print(f"mlx {mx.__version__}, {platform.machine()}, BLAS: {blas.status()}, float32, device {mx.default_device()}", flush=True)
+
+    naive_model, tokenizer = load("default", plan=args.plan)
+    windows = heldout_windows(builtin_tokens(tokenizer))
+    naive = perplexity(naive_model, windows)
+    del naive_model
+    print(f"naive start: held-out perplexity {naive:.2f}", flush=True)
+
+    dylora_dir, dylora_min = run(args, "dylora", "dylora", {"rank": high, "min_rank": low, "scale": SCALE, "dropout": 0.0})
+    print(f"dylora run: {dylora_min:.1f} CPU min", flush=True)
+    rows = []
+    for rank in sorted(args.ranks):
+        fixed_dir, fixed_min = run(args, f"lora-r{rank}", "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0})
+        row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows),
+               "dylora": ranked_perplexity(args, dylora_dir, rank, windows), "fixed_cpu_min": fixed_min}
+        row["ratio"] = row["dylora"] / row["fixed"]
+        rows.append(row)
+        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({fixed_min:.1f} CPU min), dylora {row['dylora']:.2f}, "
+              f"ratio {row['ratio']:.3f}", flush=True)
+
+    print("\n| rank | fixed-rank LoRA run | dylora (one run) at that rank | dylora / fixed | within 5% |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rank']} | {r['fixed']:.2f} | {r['dylora']:.2f} | {r['ratio']:.3f} | {'yes' if r['ratio'] <= 1.05 else 'no'} |")
+    fixed_total = sum(r["fixed_cpu_min"] for r in rows)
+    print(f"\nnaive start {naive:.2f}; CPU minutes: dylora {dylora_min:.1f} (one run, teacher cold) vs "
+          f"{fixed_total:.1f} for the {len(rows)} fixed-rank runs (teacher cached)")
+    plot(rows, naive, args.png)
+    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": dylora_min, "rows": rows}
+
+    if not args.skip_quantized:
+        memory = {name: step_memory(args.plan, quantize, high) for name, quantize in (("float32", False), ("4-bit", True))}
+        for name, m in memory.items():
+            print(f"{name} base: model + adapters {m['active_mib']:.0f} MiB, peak over a step {m['peak_mib']:.0f} MiB, "
+                  f"step {m['step_s']:.1f} s (batch 1 x 128)", flush=True)
+        print(f"4-bit / float32: model {memory['4-bit']['active_mib'] / memory['float32']['active_mib']:.2f}x, "
+              f"peak {memory['4-bit']['peak_mib'] / memory['float32']['peak_mib']:.2f}x")
+        curves = {}
+        for name, quantize in (("float32", False), ("4-bit", True)):
+            base = out / f"base-{name}"
+            convert("default", args.plan, quantize=quantize, dtype="float32", out=base, force=True)
+            path, _ = run(args, f"q-{name}", "dylora", {"rank": high, "min_rank": low, "scale": SCALE, "dropout": 0.0},
+                          model=str(base), plan=None, kv_init=None, iters=args.quantized_iters, batch_size=1,
+                          max_seq_length=128, steps_per_report=1, steps_per_eval=args.quantized_iters, val_batches=2,
+                          save_every=args.quantized_iters, teacher_cache=None)
+            curves[name] = curve(path)
+        print("KD loss per step, float32 base: " + " ".join(f"{x:.3f}" for x in curves["float32"]))
+        print("KD loss per step, 4-bit base:   " + " ".join(f"{x:.3f}" for x in curves["4-bit"]))
+        results.update(memory=memory, curves=curves)
+    (out / "dylora.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
