@@ -1,7 +1,7 @@
 """Dynamic-rank adapters: one dylora run against fixed-rank LoRA runs, and a finetune step on a 4-bit base.
 
-    python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--plan PLAN] [--out runs/dylora]
-        [--skip-quantized]
+    python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--variants uniform/inverse powers/inverse ...]
+        [--plan PLAN] [--out runs/dylora] [--skip-quantized]
 
 Part 1 (float32 base, for speed on a CPU). The default model converted naively
 (``--kv-init own``) to ``--plan`` (default: the shipped model's plan), so the
@@ -9,12 +9,16 @@ adapters have damage to repair. Then, with one budget per run (``--iters`` KD
 steps of 4 x 256 tokens of the built-in data, LoRA scale 20 on the layers the
 plan changed, lr ``--learning-rate``, the best step by validation loss):
 
-- one ``--fine-tune-type dylora`` run, ranks min(--ranks)..max(--ranks), uniform;
+- one ``--fine-tune-type dylora`` run per ``--variants`` entry
+  (``rank_sampling/rank_scaling``), ranks min(--ranks)..max(--ranks): ``uniform``
+  draws every rank in the range, ``powers`` only min, 2 min, ..., max;
+  ``inverse`` scales rank b by R / b (DyLoRA's alpha / b), ``constant`` does not;
 - one fixed-rank LoRA run per rank in ``--ranks``.
 
 Every run trains on the same batches, so the teacher's top-k outputs are kept in
 a shared teacher cache: the first run (dylora) computes them, the others read
-them. Held-out perplexity (16 x 512 targets, echo_mlx.analysis.evaluate) of the
+them. A finished run (same settings, its ``run.json`` written) is reused, not
+trained again, so an interrupted benchmark continues where it stopped. Held-out perplexity (16 x 512 targets, echo_mlx.analysis.evaluate) of the
 dylora adapter at each rank against that rank's own run; the goal is every rank
 within 5%.
 
@@ -32,6 +36,7 @@ Writes OUT/dylora.json and benchmarks/dylora.png (perplexity against rank).
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -55,6 +60,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
 parser.add_argument("--iters", type=int, default=16)
 parser.add_argument("--learning-rate", type=float, default=1e-4)
+parser.add_argument("--variants", nargs="+", default=["uniform/inverse", "powers/inverse", "uniform/constant"])
 parser.add_argument("--plan", default=None, help="default: the shipped model's plan")
 parser.add_argument("--out", default="runs/dylora")
 parser.add_argument("--png", default="benchmarks/dylora.png")
@@ -64,16 +70,23 @@ SCALE = 20.0
 
 
 def run(args, name: str, fine_tune_type: str, lora_parameters: dict, **overrides):
-    """One finetune run; (its directory, CPU minutes)."""
+    """One finetune run; (its directory, CPU minutes). A finished run with the same settings is reused."""
     settings = dict(
         model="default", plan=args.plan, kv_init="own", fine_tune_type=fine_tune_type, lora_parameters=lora_parameters,
         iters=args.iters, learning_rate=args.learning_rate, batch_size=4, max_seq_length=256,
         steps_per_report=4, steps_per_eval=max(args.iters // 2, 1), val_batches=8, save_every=args.iters,
         teacher_cache=str(Path(args.out) / "teacher"), adapter_path=str(Path(args.out) / name),
     )
+    settings = {**settings, **overrides}
+    path, record = Path(settings["adapter_path"]), Path(settings["adapter_path"]) / "run.json"
+    if record.is_file() and json.loads(record.read_text())["settings"] == settings:
+        return path, json.loads(record.read_text())["cpu_min"]
+    shutil.rmtree(path, ignore_errors=True)
     cpu = time.process_time()
-    finetune(FinetuneArgs(**{**settings, **overrides}))
-    return Path(settings["adapter_path"]), (time.process_time() - cpu) / 60
+    finetune(FinetuneArgs(**settings))
+    minutes = (time.process_time() - cpu) / 60
+    record.write_text(json.dumps({"settings": settings, "cpu_min": minutes}))
+    return path, minutes
 
 
 def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
@@ -81,7 +94,7 @@ def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
     return perplexity(model, windows)
 
 
-def plot(rows, naive, path):
+def plot(rows, variants, naive, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +103,8 @@ def plot(rows, naive, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ranks = [r["rank"] for r in rows]
     ax.plot(ranks, [r["fixed"] for r in rows], "o-", label="fixed-rank LoRA (one run per rank)")
-    ax.plot(ranks, [r["dylora"] for r in rows], "s--", label="dylora (one run, rank chosen after)")
+    for variant, marker in zip(variants, "s^vD"):
+        ax.plot(ranks, [r[variant] for r in rows], marker + "--", label=f"dylora {variant} (one run, rank chosen after)")
     ax.axhline(naive, color="0.6", lw=1, label=f"naive start {naive:.1f}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -133,7 +147,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     low, high = min(args.ranks), max(args.ranks)
     print(f"plan {args.plan} from a naive start; per run {args.iters} KD steps of 4 x 256 tokens (built-in data), "
-          f"lr {args.learning_rate}, LoRA scale {SCALE}; dylora ranks {low}..{high} uniform")
+          f"lr {args.learning_rate}, LoRA scale {SCALE}; dylora ranks {low}..{high}: {', '.join(args.variants)}")
     print(f"mlx {mx.__version__}, {platform.machine()}, BLAS: {blas.status()}, float32, device {mx.default_device()}", flush=True)
 
     naive_model, tokenizer = load("default", plan=args.plan)
@@ -142,27 +156,31 @@ def main():
     del naive_model
     print(f"naive start: held-out perplexity {naive:.2f}", flush=True)
 
-    dylora_dir, dylora_min = run(args, "dylora", "dylora", {"rank": high, "min_rank": low, "scale": SCALE, "dropout": 0.0})
-    print(f"dylora run: {dylora_min:.1f} CPU min", flush=True)
+    dylora = {}
+    for variant in args.variants:
+        sampling, scaling = variant.split("/")
+        dylora[variant] = run(args, "dylora-" + variant.replace("/", "-"), "dylora", {
+            "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "scale": SCALE, "dropout": 0.0})
+        print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
     rows = []
     for rank in sorted(args.ranks):
         fixed_dir, fixed_min = run(args, f"lora-r{rank}", "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0})
-        row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows),
-               "dylora": ranked_perplexity(args, dylora_dir, rank, windows), "fixed_cpu_min": fixed_min}
-        row["ratio"] = row["dylora"] / row["fixed"]
+        row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows), "fixed_cpu_min": fixed_min}
+        for variant, (path, _) in dylora.items():
+            row[variant] = ranked_perplexity(args, path, rank, windows)
         rows.append(row)
-        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({fixed_min:.1f} CPU min), dylora {row['dylora']:.2f}, "
-              f"ratio {row['ratio']:.3f}", flush=True)
+        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({fixed_min:.1f} CPU min), "
+              + ", ".join(f"dylora {s} {row[s]:.2f} ({row[s] / row['fixed']:.3f})" for s in dylora), flush=True)
 
-    print("\n| rank | fixed-rank LoRA run | dylora (one run) at that rank | dylora / fixed | within 5% |")
-    print("|---|---|---|---|---|")
+    print("\n| rank | fixed-rank LoRA (a run per rank) | " + " | ".join(f"dylora {s} (one run) | / fixed" for s in dylora) + " |")
+    print("|---|---|" + "---|---|" * len(dylora))
     for r in rows:
-        print(f"| {r['rank']} | {r['fixed']:.2f} | {r['dylora']:.2f} | {r['ratio']:.3f} | {'yes' if r['ratio'] <= 1.05 else 'no'} |")
+        print(f"| {r['rank']} | {r['fixed']:.2f} | " + " | ".join(f"{r[s]:.2f} | {r[s] / r['fixed']:.3f}" for s in dylora) + " |")
     fixed_total = sum(r["fixed_cpu_min"] for r in rows)
-    print(f"\nnaive start {naive:.2f}; CPU minutes: dylora {dylora_min:.1f} (one run, teacher cold) vs "
-          f"{fixed_total:.1f} for the {len(rows)} fixed-rank runs (teacher cached)")
-    plot(rows, naive, args.png)
-    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": dylora_min, "rows": rows}
+    print(f"\nnaive start {naive:.2f}; CPU minutes: dylora " + ", ".join(f"{s} {m:.1f}" for s, (_, m) in dylora.items())
+          + f" (one run each) vs {fixed_total:.1f} for the {len(rows)} fixed-rank runs; the first run computes the teacher's outputs, the rest read them")
+    plot(rows, list(dylora), naive, args.png)
+    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": {s: m for s, (_, m) in dylora.items()}, "rows": rows}
 
     if not args.skip_quantized:
         memory = {name: step_memory(args.plan, quantize, high) for name, quantize in (("float32", False), ("4-bit", True))}
@@ -175,7 +193,8 @@ def main():
         for name, quantize in (("float32", False), ("4-bit", True)):
             base = out / f"base-{name}"
             convert("default", args.plan, quantize=quantize, dtype="float32", out=base, force=True)
-            path, _ = run(args, f"q-{name}", "dylora", {"rank": high, "min_rank": low, "scale": SCALE, "dropout": 0.0},
+            path, _ = run(args, f"q-{name}", "dylora", {"rank": high, "min_rank": low, "scale": SCALE, "dropout": 0.0,
+                                                        "rank_sampling": "powers", "rank_scaling": "inverse"},
                           model=str(base), plan=None, kv_init=None, iters=args.quantized_iters, batch_size=1,
                           max_seq_length=128, steps_per_report=1, steps_per_eval=args.quantized_iters, val_batches=2,
                           save_every=args.quantized_iters, teacher_cache=None)

@@ -18,6 +18,7 @@ def finetune(
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (dylora: the largest rank trained); sets lora_parameters' rank."),
     min_rank: Optional[int] = typer.Option(None, help="dylora: the smallest rank trained (default 1)."),
     rank_sampling: Optional[str] = typer.Option(None, help="dylora: uniform (every rank in the range) | powers (min, 2 min, 4 min, ..., max)."),
+    rank_scaling: Optional[str] = typer.Option(None, help="dylora: inverse (scale x max/b at rank b, DyLoRA's alpha/b) | constant."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
     batch_size: Optional[int] = typer.Option(None),
     iters: Optional[int] = typer.Option(None),
@@ -53,7 +54,8 @@ def finetune(
     if not resume:
         given.pop("resume")
     # Rank flags refine lora_parameters (the config file's, else the default's), as mlx-lm's keys.
-    rank_flags = {key: given.pop(flag) for flag, key in (("lora_rank", "rank"), ("min_rank", "min_rank"), ("rank_sampling", "rank_sampling")) if flag in given}
+    flags = {"lora_rank": "rank", "min_rank": "min_rank", "rank_sampling": "rank_sampling", "rank_scaling": "rank_scaling"}
+    rank_flags = {key: given.pop(flag) for flag, key in flags.items() if flag in given}
     if rank_flags:
         given["lora_parameters"] = {**FinetuneArgs().lora_parameters, **settings.get("lora_parameters", {}), **rank_flags}
     unknown = set(settings) - set(FinetuneArgs.__dataclass_fields__)

@@ -39,11 +39,10 @@ def make_trainable(model: nn.Module, fine_tune_type: str, trainable_from: int, l
     missing = {"rank", "scale", "dropout"} - set(lora_parameters)
     if missing:
         raise EchoError(f"lora_parameters lacks {', '.join(sorted(missing))}: give rank, scale and dropout (as mlx-lm)")
-    if fine_tune_type == "dylora":
-        RankRange.from_parameters(lora_parameters)  # a bad range is refused before any layer changes
+    ranks = RankRange.from_parameters(lora_parameters) if fine_tune_type == "dylora" else None  # refused before any change
     linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=fine_tune_type == "dora")
-    if fine_tune_type == "dylora":
-        to_dynamic(model)  # same arrays (and initialisation) as LoRA at rank R; a rank per step
+    if ranks is not None:
+        to_dynamic(model, ranks.scaling)  # same arrays (and initialisation) as LoRA at rank R; a rank per step
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -61,7 +60,7 @@ def load_matching(model: nn.Module, weights: dict) -> None:
 def adapter_config(fine_tune_type: str, trainable_from: int, lora_parameters: dict, *, plan: str, fingerprint: str, model: str) -> dict:
     if fine_tune_type == "dylora":  # the config names the whole rank range, defaults included
         ranks = RankRange.from_parameters(lora_parameters)
-        lora_parameters = dict(lora_parameters, min_rank=ranks.min_rank, rank_sampling=ranks.sampling)
+        lora_parameters = dict(lora_parameters, min_rank=ranks.min_rank, rank_sampling=ranks.sampling, rank_scaling=ranks.scaling)
     return {
         "fine_tune_type": fine_tune_type,
         "num_layers": None,  # filled by save(): counted from the top, as mlx-lm counts
@@ -141,7 +140,7 @@ def apply(model: nn.Module, path, model_name: str = "the model", *, lora_rank=No
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EchoError(f"adapters in {path} do not fit {model_name} ({first}): use adapters trained for this model and plan")
     if ranks is not None:
-        to_dynamic(model)
+        to_dynamic(model, ranks.scaling)
         set_rank(model, ranks.max_rank if lora_rank is None else lora_rank)
     model.eval()
     return model

@@ -7,13 +7,20 @@ step, so their gradients are zero; the leading components, in every sampled
 adapter, learn the most. After one run, the first r components are a usable
 adapter for any trained rank r: pick it at deploy time.
 
-The scale is the same at every rank, so a rank-r forward is exactly the sum
-of the first r components' updates, and mlx-lm (which reads these adapters
-as ordinary LoRA, ``fine_tune_type`` aside) runs them at rank R.
+A rank-r forward is exactly the first r components' updates, times the
+scale of rank r: ``rank_scaling`` ``inverse`` (the default, DyLoRA's alpha / b)
+uses scale * R / r, ``constant`` the same scale at every rank. With
+``inverse`` every step moves the output by about the same amount whatever its
+rank (b components at R / b each), and a truncation of components that have
+learnt alike stays calibrated; with ``constant`` a rank-1 step moves it R
+times less than a rank-R step. At rank R both are mlx-lm's LoRA, so mlx-lm
+(which reads these adapters as ordinary LoRA, ``fine_tune_type`` aside) runs
+them at rank R.
 
-``lora_parameters`` as mlx-lm's, plus ``min_rank`` (default 1) and
+``lora_parameters`` as mlx-lm's, plus ``min_rank`` (default 1),
 ``rank_sampling``: ``uniform`` (every rank in min_rank..rank equally likely)
-or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank).
+or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank), and
+``rank_scaling``.
 """
 
 from dataclasses import dataclass
@@ -27,36 +34,43 @@ from mlx.utils import tree_unflatten
 from ..errors import EchoError
 
 SAMPLINGS = ("uniform", "powers")
+SCALINGS = ("inverse", "constant")
 
 
 class DyLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear whose first ``active_rank`` components are used."""
 
     @classmethod
-    def from_lora(cls, lora: LoRALinear) -> "DyLoRALinear":
+    def from_lora(cls, lora: LoRALinear, rank_scaling: str = "inverse") -> "DyLoRALinear":
         max_rank, output_dims = lora.lora_b.shape
         # (Its own random A is discarded unevaluated: MLX is lazy.)
         layer = cls(lora.lora_a.shape[0], output_dims, r=max_rank, scale=lora.scale)
         layer.linear, layer.dropout = lora.linear, lora.dropout
         layer.lora_a, layer.lora_b = lora.lora_a, lora.lora_b
+        layer.rank_scaling = rank_scaling
         return layer
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.active_rank = self.lora_b.shape[0]
+        self.rank_scaling = "inverse"
 
     @property
     def max_rank(self) -> int:
         return self.lora_b.shape[0]
 
+    @property
+    def active_scale(self) -> float:
+        return self.scale * (self.max_rank / self.active_rank if self.rank_scaling == "inverse" else 1.0)
+
     def __call__(self, x):
         r = self.active_rank
         z = (self.dropout(x) @ self.lora_a[:, :r]) @ self.lora_b[:r]
-        return self.linear(x) + (self.scale * z).astype(x.dtype)
+        return self.linear(x) + (self.active_scale * z).astype(x.dtype)
 
     def fuse(self, dequantize: bool = False):
         """The base with the rank-``active_rank`` update folded in."""
-        truncated = LoRALinear.from_base(self.linear, r=self.active_rank, scale=self.scale)
+        truncated = LoRALinear.from_base(self.linear, r=self.active_rank, scale=self.active_scale)
         truncated.lora_a, truncated.lora_b = self.lora_a[:, : self.active_rank], self.lora_b[: self.active_rank]
         return truncated.fuse(dequantize)
 
@@ -68,11 +82,13 @@ class RankRange:
     min_rank: int
     max_rank: int
     sampling: str = "uniform"
+    scaling: str = "inverse"
 
     @classmethod
     def from_parameters(cls, lora_parameters: dict) -> "RankRange":
         max_rank, min_rank = lora_parameters.get("rank"), lora_parameters.get("min_rank", 1)
         sampling = lora_parameters.get("rank_sampling", "uniform")
+        scaling = lora_parameters.get("rank_scaling", "inverse")
         for name, value in (("rank", max_rank), ("min_rank", min_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EchoError(f"lora_parameters {name} must be a whole number >= 1, not {value!r}")
@@ -80,7 +96,9 @@ class RankRange:
             raise EchoError(f"the rank range {min_rank}..{max_rank} is empty: give min_rank <= rank")
         if sampling not in SAMPLINGS:
             raise EchoError(f"unknown rank_sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
-        return cls(min_rank, max_rank, sampling)
+        if scaling not in SCALINGS:
+            raise EchoError(f"unknown rank_scaling {scaling!r}: use one of {', '.join(SCALINGS)}")
+        return cls(min_rank, max_rank, sampling, scaling)
 
     def choices(self) -> List[int]:
         if self.sampling == "uniform":
@@ -108,12 +126,12 @@ class RankRange:
         return rank
 
     def describe(self) -> str:
-        return f"ranks {self.min_rank}..{self.max_rank} ({self.sampling})"
+        return f"ranks {self.min_rank}..{self.max_rank} ({self.sampling}, {self.scaling} scale)"
 
 
-def to_dynamic(model: nn.Module) -> List[DyLoRALinear]:
+def to_dynamic(model: nn.Module, rank_scaling: str = "inverse") -> List[DyLoRALinear]:
     """Replace every LoRALinear in ``model`` by a DyLoRALinear holding the same arrays."""
-    swapped = [(name, DyLoRALinear.from_lora(m)) for name, m in model.named_modules() if type(m) is LoRALinear]
+    swapped = [(name, DyLoRALinear.from_lora(m, rank_scaling)) for name, m in model.named_modules() if type(m) is LoRALinear]
     if swapped:
         model.update_modules(tree_unflatten(swapped))
     return [m for _, m in swapped]
