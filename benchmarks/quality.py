@@ -119,9 +119,13 @@ def plot(rows, original, path: Path):
     save_figure(fig, path)
 
 
+COMMITTED = Path(__file__).with_name("quality.json")  # the rows a fresh checkout starts from
+
+
 def kept_rows(out: Path, args, original: dict) -> list:
-    """The finished rows of an earlier run with the same recipe (a run takes longer than a session)."""
-    path = out / "quality.json"
+    """The finished rows of an earlier run with the same recipe (a run takes longer than a session):
+    OUT's, else the committed benchmarks/quality.json."""
+    path = out / "quality.json" if (out / "quality.json").is_file() else COMMITTED
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
@@ -151,7 +155,8 @@ def main():
     parser.add_argument("--png", default="benchmarks/quality.png")
     parser.add_argument("--replot", action="store_true", help="measure nothing: reprint the table and redraw the PNG from OUT/quality.json")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the rows OUT/quality.json already has (same settings) and measure only the other plans")
+                        help="keep the rows OUT/quality.json (else benchmarks/quality.json) already has (same settings) "
+                             "and measure only the other plans")
     args = parser.parse_args()
     out = Path(args.out)
     args.teacher_cache = None if args.teacher_cache == "none" else (args.teacher_cache or str(out / "teacher"))
@@ -187,7 +192,7 @@ def main():
     rows = kept_rows(out, args, original) if args.resume else []
     for name in args.plans:
         if any(r["name"] == name for r in rows):
-            print(f"{name}: kept from {out / 'quality.json'}", flush=True)
+            print(f"{name}: kept from an earlier run", flush=True)
             continue
         text = resolve(name, Path(args.search_json))
         plan = SharingPlan.parse(text, src.config["num_hidden_layers"])

@@ -18,7 +18,7 @@ def finetune(
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (dylora: the largest rank trained); sets lora_parameters' rank."),
     min_rank: Optional[int] = typer.Option(None, help="dylora: the smallest rank trained (default 1)."),
     rank_sampling: Optional[str] = typer.Option(None, help="dylora: uniform (every rank in the range) | powers (min, 2 min, 4 min, ..., max)."),
-    rank_scaling: Optional[str] = typer.Option(None, help="dylora: inverse (scale x max/b at rank b, DyLoRA's alpha/b) | constant."),
+    rank_scaling: Optional[str] = typer.Option(None, help="dylora: constant (one scale at every rank, default) | inverse (scale x max/b at rank b, DyLoRA's alpha/b)."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
     batch_size: Optional[int] = typer.Option(None),
     iters: Optional[int] = typer.Option(None),

@@ -254,13 +254,20 @@ def test_real_model_generates_the_same_greedy_tokens_on_the_kernel_path(smollm2,
     model = convert_in_memory(smollm2, plan)
     ids = smollm2.tokenizer.encode(REAL_PROMPT, add_special_tokens=False)
     assert len(ids) <= dispatch.MAX_QUERIES
-    run = lambda: [t for t, _ in generate_step(mx.array(ids), model, max_tokens=10, prompt_cache=model.make_cache(),
-                                               kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=0)]
+    run = lambda: list(generate_step(mx.array(ids), model, max_tokens=10, prompt_cache=model.make_cache(),
+                                     kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=0))
     dispatch.set_mode("ops")
     expected = run()
+    # Compare up to the first near tie: there the paths' rounding (~1e-5 in the logits; with 8-bit
+    # K/V, one quantisation step of a value on a rounding boundary) may pick either token. Seen on an
+    # AMD EPYC's BLAS: a 0.01-nat tie at step 8 of pizza-top:15 with 8-bit K/V.
+    tie = 0.05 if kv_bits else 1e-3
+    gaps = [(lambda top: (top[1] - top[0]).item())(mx.sort(logprobs)[-2:]) for _, logprobs in expected]
+    n = next((i for i, gap in enumerate(gaps) if gap < tie), len(gaps))
+    assert n >= 5
     dispatch.set_mode("kernel")
     dispatch.reset_usage()
-    assert run() == expected
+    assert [t for t, _ in run()][:n] == [t for t, _ in expected][:n]
     assert {path for path, _ in dispatch.usage} == {"kernel"}
     if kv_bits:  # the prompt runs on the float cache, the steps after it on the quantized one
         assert kernel_reasons() == {"float K/V", f"{kv_bits}-bit K/V"}

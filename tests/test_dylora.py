@@ -22,7 +22,7 @@ from fixtures import QUICK
 DYLORA = dict(fine_tune_type="dylora", lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0})
 
 
-def layer(max_rank=6, dtype=mx.float64, seed=0, rank_scaling="inverse"):
+def layer(max_rank=6, dtype=mx.float64, seed=0, rank_scaling="constant"):
     mx.random.seed(seed)
     with mx.stream(mx.cpu):
         lora = LoRALinear.from_base(nn.Linear(8, 5), r=max_rank, scale=3.0)
@@ -103,7 +103,7 @@ def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_so
     config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "dylora"
     recorded = {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling", "rank_scaling")}
-    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "uniform", "rank_scaling": "inverse"}
+    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "uniform", "rank_scaling": "constant"}
 
 
 @pytest.mark.parametrize("schedule", [dict(schedule="progressive", iters=6), dict(layerwise_iters=3, iters=6)])
@@ -168,12 +168,12 @@ def test_a_fixed_rank_adapter_refuses_another_rank(six_layer_source, tmp_path, c
 def test_finetune_flags_set_the_rank_range_and_an_empty_range_is_one_line(six_layer_source, tmp_path, capsys):
     base = ("finetune", "--model", six_layer_source, "--plan", "cla:2", "--fine-tune-type", "dylora", "--iters", "2",
             "--batch-size", "2", "--max-seq-length", "64")
-    assert cli(*base, "--lora-rank", "6", "--min-rank", "2", "--rank-sampling", "powers", "--rank-scaling", "constant",
+    assert cli(*base, "--lora-rank", "6", "--min-rank", "2", "--rank-sampling", "powers", "--rank-scaling", "inverse",
                "--adapter-path", str(tmp_path / "run")) == 0
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["lora_parameters"]
-    assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"]) == (6, 2, "powers", "constant")
+    assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"]) == (6, 2, "powers", "inverse")
     model, _ = load(six_layer_source, plan="cla:2", adapter_path=str(tmp_path / "run"), lora_rank=2)
-    assert {(m.active_rank, m.rank_scaling) for m in dynamic_layers(model)} == {(2, "constant")}
+    assert {(m.active_rank, m.rank_scaling) for m in dynamic_layers(model)} == {(2, "inverse")}
     capsys.readouterr()
     assert cli(*base, "--lora-rank", "4", "--min-rank", "8", "--adapter-path", str(tmp_path / "empty")) == 2
     err = capsys.readouterr().err.strip()
