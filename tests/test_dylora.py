@@ -11,13 +11,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from echo_mlx.api import load
-from echo_mlx.cli import main
 from echo_mlx.errors import EchoError
 from echo_mlx.tuner import adapters
 from echo_mlx.tuner.dylora import DyLoRALinear, RankRange, dynamic_layers, set_rank
 from echo_mlx.tuner.finetune import FinetuneArgs, finetune
 
 from fixtures import QUICK
+from test_finetune import cli
 
 DYLORA = dict(fine_tune_type="dylora", lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0})
 
@@ -33,14 +33,6 @@ def layer(max_rank=6, dtype=mx.float64, seed=0, rank_scaling="constant"):
 
 def run(source, path, **kw):
     return finetune(FinetuneArgs(model=source, adapter_path=str(path), **dict(QUICK, **dict(DYLORA, **kw))))
-
-
-def cli(*argv):
-    try:
-        main(list(argv))
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 @pytest.mark.parametrize("rank_scaling", ["inverse", "constant"])
