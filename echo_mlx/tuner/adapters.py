@@ -133,7 +133,7 @@ def apply(model: nn.Module, path, model_name: str = "the model", *, lora_rank=No
                 f"drop --lora-rank, or train with --fine-tune-type dylora"
             )
     if ranks is not None:
-        ranks.check(ranks.max_rank if lora_rank is None else lora_rank, path)
+        lora_rank = ranks.check(ranks.max_rank if lora_rank is None else lora_rank, path)
     try:
         load_adapters(model, str(path))
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
@@ -141,7 +141,7 @@ def apply(model: nn.Module, path, model_name: str = "the model", *, lora_rank=No
         raise EchoError(f"adapters in {path} do not fit {model_name} ({first}): use adapters trained for this model and plan")
     if ranks is not None:
         to_dynamic(model, ranks.scaling)
-        set_rank(model, ranks.max_rank if lora_rank is None else lora_rank)
+        set_rank(model, lora_rank)
     model.eval()
     return model
 

@@ -27,7 +27,6 @@ or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank), and
 from dataclasses import dataclass
 from typing import List
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 from mlx.utils import tree_unflatten
@@ -125,9 +124,6 @@ class RankRange:
                 f"({self.min_rank}..{self.max_rank}): pick one in that range"
             )
         return rank
-
-    def describe(self) -> str:
-        return f"ranks {self.min_rank}..{self.max_rank} ({self.sampling}, {self.scaling} scale)"
 
 
 def to_dynamic(model: nn.Module, rank_scaling: str = "constant") -> List[DyLoRALinear]:
