@@ -1,7 +1,7 @@
 """Dynamic-rank adapters: one dylora run against fixed-rank LoRA runs, and a finetune step on a 4-bit base.
 
-    python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--variants uniform/inverse powers/inverse ...]
-        [--plan PLAN] [--out runs/dylora] [--skip-quantized]
+    python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--variants uniform/inverse powers/constant/example ...]
+        [--plan PLAN] [--out runs/dylora] [--skip-quantized] [--reuse benchmarks/dylora.json]
 
 Part 1 (float32 base, for speed on a CPU). The default model converted naively
 (``--kv-init own``) to ``--plan`` (default: the shipped model's plan), so the
@@ -10,10 +10,18 @@ steps of 4 x 256 tokens of the built-in data, LoRA scale 20 on the layers the
 plan changed, lr ``--learning-rate``, the best step by validation loss):
 
 - one ``--fine-tune-type dylora`` run per ``--variants`` entry
-  (``rank_sampling/rank_scaling``), ranks min(--ranks)..max(--ranks): ``uniform``
+  (``rank_sampling/rank_scaling[/rank_draw]``), ranks min(--ranks)..max(--ranks): ``uniform``
   draws every rank in the range, ``powers`` only min, 2 min, ..., max;
   ``inverse`` scales rank b by R / b (DyLoRA's alpha / b), ``constant`` does not;
+  ``example`` draws a rank per example (every step trains several), the default
+  ``step`` one rank per step;
 - one fixed-rank LoRA run per rank in ``--ranks``.
+
+``--reuse JSON`` takes the fixed-rank rows and the variants already measured from
+an earlier run of this benchmark with the same plan, ranks, steps and learning rate
+(every run is seeded: retraining reproduces them), and trains only the new
+variants; the table marks what came from that run, and its CPU minutes are that
+run's.
 
 Every run trains on the same batches, so the teacher's top-k outputs are kept in
 a shared teacher cache: the first run (dylora) computes them, the others read
@@ -65,7 +73,8 @@ parser.add_argument("--plan", default=None, help="default: the shipped model's p
 parser.add_argument("--out", default="runs/dylora")
 parser.add_argument("--png", default="benchmarks/dylora.png")
 parser.add_argument("--quantized-iters", type=int, default=8)
-parser.add_argument("--skip-quantized", action="store_true")
+parser.add_argument("--skip-quantized", action="store_true", help="with --reuse: keep the earlier run's part 2")
+parser.add_argument("--reuse", default=None, help="an earlier run's dylora.json: its fixed-rank rows and variants")
 SCALE = 20.0
 
 
@@ -89,6 +98,17 @@ def run(args, name: str, fine_tune_type: str, lora_parameters: dict, **overrides
     return path, minutes
 
 
+def reused(args):
+    """The earlier run named by --reuse, checked to have this run's settings; None without --reuse."""
+    if not args.reuse:
+        return None
+    earlier = json.loads(Path(args.reuse).read_text())
+    same = ("plan", "ranks", "iters", "learning_rate")
+    if any(earlier["settings"][k] != getattr(args, k) for k in same):
+        raise SystemExit(f"{args.reuse} was measured with other settings ({', '.join(same)}): drop --reuse")
+    return earlier
+
+
 def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
     model, _ = load("default", plan=args.plan, adapter_path=str(path), lora_rank=rank)
     return perplexity(model, windows)
@@ -103,7 +123,7 @@ def plot(rows, variants, naive, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ranks = [r["rank"] for r in rows]
     ax.plot(ranks, [r["fixed"] for r in rows], "o-", label="fixed-rank LoRA (one run per rank)")
-    for variant, marker in zip(variants, "s^vD"):
+    for variant, marker in zip(variants, "s^vD<>ph"):
         ax.plot(ranks, [r[variant] for r in rows], marker + "--", label=f"dylora {variant} (one run, rank chosen after)")
     ax.axhline(naive, color="0.6", lw=1, label=f"naive start {naive:.1f}")
     ax.set_xscale("log", base=2)
@@ -156,31 +176,45 @@ def main():
     del naive_model
     print(f"naive start: held-out perplexity {naive:.2f}", flush=True)
 
-    dylora = {}
+    earlier = reused(args)
+    dylora, earlier_minutes = {}, dict(earlier["dylora_cpu_min"]) if earlier else {}
     for variant in args.variants:
-        sampling, scaling = variant.split("/")
+        if variant in earlier_minutes:
+            continue
+        sampling, scaling, draw = (variant.split("/") + ["step"])[:3]
         dylora[variant] = run(args, "dylora-" + variant.replace("/", "-"), "dylora", {
-            "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "scale": SCALE, "dropout": 0.0})
+            "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
+            "scale": SCALE, "dropout": 0.0})
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
     rows = []
     for rank in sorted(args.ranks):
-        fixed_dir, fixed_min = run(args, f"lora-r{rank}", "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0})
-        row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows), "fixed_cpu_min": fixed_min}
+        if earlier:
+            row = dict(next(r for r in earlier["rows"] if r["rank"] == rank))
+        else:
+            fixed_dir, fixed_min = run(args, f"lora-r{rank}", "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0})
+            row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows), "fixed_cpu_min": fixed_min}
         for variant, (path, _) in dylora.items():
             row[variant] = ranked_perplexity(args, path, rank, windows)
         rows.append(row)
-        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({fixed_min:.1f} CPU min), "
+        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({row['fixed_cpu_min']:.1f} CPU min{', earlier run' if earlier else ''}), "
               + ", ".join(f"dylora {s} {row[s]:.2f} ({row[s] / row['fixed']:.3f})" for s in dylora), flush=True)
 
-    print("\n| rank | fixed-rank LoRA (a run per rank) | " + " | ".join(f"dylora {s} (one run) | / fixed" for s in dylora) + " |")
-    print("|---|---|" + "---|---|" * len(dylora))
+    minutes = {**earlier_minutes, **{s: m for s, (_, m) in dylora.items()}}
+    variants = [v for v in minutes if v in rows[0]]
+    mark = lambda s: " (earlier run)" if s in earlier_minutes else ""
+    print("\n| rank | fixed-rank LoRA (a run per rank)" + (" (earlier run)" if earlier else "") + " | "
+          + " | ".join(f"dylora {s}{mark(s)} | / fixed" for s in variants) + " |")
+    print("|---|---|" + "---|---|" * len(variants))
     for r in rows:
-        print(f"| {r['rank']} | {r['fixed']:.2f} | " + " | ".join(f"{r[s]:.2f} | {r[s] / r['fixed']:.3f}" for s in dylora) + " |")
+        print(f"| {r['rank']} | {r['fixed']:.2f} | " + " | ".join(f"{r[s]:.2f} | {r[s] / r['fixed']:.3f}" for s in variants) + " |")
     fixed_total = sum(r["fixed_cpu_min"] for r in rows)
-    print(f"\nnaive start {naive:.2f}; CPU minutes: dylora " + ", ".join(f"{s} {m:.1f}" for s, (_, m) in dylora.items())
+    print(f"\nnaive start {naive:.2f}; CPU minutes: dylora " + ", ".join(f"{s} {m:.1f}{mark(s)}" for s, m in minutes.items())
           + f" (one run each) vs {fixed_total:.1f} for the {len(rows)} fixed-rank runs; the first run computes the teacher's outputs, the rest read them")
-    plot(rows, list(dylora), naive, args.png)
-    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": {s: m for s, (_, m) in dylora.items()}, "rows": rows}
+    plot(rows, variants, naive, args.png)
+    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": minutes, "rows": rows,
+               "reused": {"from": args.reuse, "variants": list(earlier_minutes)} if earlier else None}
+    if earlier and args.skip_quantized:
+        results.update({k: earlier[k] for k in ("memory", "curves") if k in earlier})
 
     if not args.skip_quantized:
         memory = {name: step_memory(args.plan, quantize, high) for name, quantize in (("float32", False), ("4-bit", True))}

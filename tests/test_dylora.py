@@ -66,6 +66,44 @@ def test_gradients_reach_only_the_sampled_components():
         assert mx.all(mx.any(grads["lora_b"][:rank] != 0, axis=1)).item()
 
 
+@pytest.mark.parametrize("rank_scaling", ["inverse", "constant"])
+def test_per_example_ranks_give_each_example_its_own_rank_adapter_and_gradients(rank_scaling):
+    dy = layer(rank_scaling=rank_scaling)
+    x = mx.random.normal((4, 3, 8), key=mx.random.key(1)).astype(mx.float64)
+    ranks = (2, 6, 1, 4)
+    with mx.stream(mx.cpu):
+        set_rank(dy, ranks)
+        together = dy(x)
+        for i, rank in enumerate(ranks):
+            set_rank(dy, rank)
+            assert np.allclose(np.array(together[i]), np.array(dy(x[i : i + 1])[0]), rtol=0, atol=1e-12)
+    assert "active_rank" not in dict(tree_flatten(dy.parameters()))  # the ranks are not a parameter
+    dy = layer(dtype=mx.float32)
+    dy.freeze(keys=["linear"])
+    x = mx.random.normal((2, 5, 8), key=mx.random.key(2))
+    gradient = lambda x: dict(tree_flatten(nn.value_and_grad(dy, lambda m, x: (m(x) ** 2).sum())(dy, x)[1]))
+    set_rank(dy, (1, 3))  # components past the batch's largest rank take no gradient
+    grads = gradient(x)
+    assert mx.all(grads["lora_a"][:, 3:] == 0).item() and mx.all(grads["lora_b"][3:] == 0).item()
+    assert mx.all(mx.any(grads["lora_b"][:3] != 0, axis=1)).item()
+    # ... and components 1 and 2 learn from the rank-3 example alone.
+    set_rank(dy, (3,))
+    alone = gradient(x[1:])
+    assert np.allclose(np.array(grads["lora_b"][1:3]), np.array(alone["lora_b"][1:3]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.array(grads["lora_b"][0]), np.array(alone["lora_b"][0]), rtol=1e-3)
+
+
+def test_per_example_draws_cover_the_range_and_are_reproducible():
+    ranks = RankRange.from_parameters({"rank": 16, "rank_sampling": "powers", "rank_draw": "example"})
+    draws = [ranks.sample_examples(0, step, 0, 4) for step in range(1, 50)]
+    assert all(len(set(d)) == 4 and set(d) <= {1, 2, 4, 8, 16} for d in draws)  # no rank twice in a batch of 4
+    assert draws == [ranks.sample_examples(0, step, 0, 4) for step in range(1, 50)]
+    assert draws != [ranks.sample_examples(0, step, 1, 4) for step in range(1, 50)]  # micro-batches differ
+    assert sorted(ranks.sample_examples(3, 1, 0, 10)) == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]
+    with pytest.raises(EchoError, match="unknown rank_draw"):
+        RankRange.from_parameters({"rank": 4, "rank_draw": "batch"})
+
+
 def test_rank_ranges_their_draws_and_bad_ranges():
     assert RankRange.from_parameters({"rank": 16}).choices() == list(range(1, 17))
     powers = RankRange.from_parameters({"rank": 12, "min_rank": 2, "rank_sampling": "powers"})
@@ -81,8 +119,9 @@ def test_rank_ranges_their_draws_and_bad_ranges():
             RankRange.from_parameters(parameters)
 
 
-def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_source, tmp_path):
-    kw = dict(plan="yoco", iters=8, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.1})
+@pytest.mark.parametrize("draw", ["step", "example"])
+def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_source, tmp_path, draw):
+    kw = dict(plan="yoco", iters=8, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.1, "rank_draw": draw})
     run(six_layer_source, tmp_path / "straight", **kw)
     finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **dict(DYLORA, **kw))),
              stop_after=5)
@@ -90,12 +129,12 @@ def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_so
     records = lambda run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if "train_loss" in l]
     straight, resumed = records("straight"), records("stopped")
     assert [r["ranks"] for r in resumed] == [r["ranks"] for r in straight]
-    assert len({r["ranks"][0] for r in straight}) > 1  # the rank does change from step to step
+    assert len({str(r["ranks"][0]) for r in straight}) > 1  # the rank does change from step to step
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]  # bit-identical
     config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "dylora"
-    recorded = {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling", "rank_scaling")}
-    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "uniform", "rank_scaling": "constant"}
+    recorded = {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling", "rank_scaling", "rank_draw")}
+    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "uniform", "rank_scaling": "constant", "rank_draw": draw}
 
 
 @pytest.mark.parametrize("schedule", [dict(schedule="progressive", iters=6), dict(layerwise_iters=3, iters=6)])
@@ -161,9 +200,10 @@ def test_finetune_flags_set_the_rank_range_and_an_empty_range_is_one_line(six_la
     base = ("finetune", "--model", six_layer_source, "--plan", "cla:2", "--fine-tune-type", "dylora", "--iters", "2",
             "--batch-size", "2", "--max-seq-length", "64")
     assert cli(*base, "--lora-rank", "6", "--min-rank", "2", "--rank-sampling", "powers", "--rank-scaling", "inverse",
-               "--adapter-path", str(tmp_path / "run")) == 0
+               "--rank-draw", "example", "--adapter-path", str(tmp_path / "run")) == 0
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["lora_parameters"]
-    assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"]) == (6, 2, "powers", "inverse")
+    assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"], saved["rank_draw"]) == (
+        6, 2, "powers", "inverse", "example")
     model, _ = load(six_layer_source, plan="cla:2", adapter_path=str(tmp_path / "run"), lora_rank=2)
     assert {(m.active_rank, m.rank_scaling) for m in dynamic_layers(model)} == {(2, "inverse")}
     capsys.readouterr()

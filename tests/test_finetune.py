@@ -228,13 +228,16 @@ def test_yaml_config_sets_mlx_lm_style_keys(six_layer_source, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux" and sys.platform != "darwin", reason="ring backend over TCP")
-@pytest.mark.parametrize("fine_tune_type", ["lora", "dylora"])  # dylora: every rank draws the same ranks
-def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path, fine_tune_type):
+# dylora: every distributed rank draws the same ranks per step; with rank_draw "example",
+# each takes its own examples' ranks of the global batch's draw.
+@pytest.mark.parametrize("fine_tune_type, draw", [("lora", None), ("dylora", "step"), ("dylora", "example")])
+def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path, fine_tune_type, draw):
     script = tmp_path / "job.py"
+    lora = {"rank": 8, "dropout": 0.0, "scale": 20.0, **({"rank_draw": draw} if draw else {})}
     script.write_text(
         "import sys\nimport echo_mlx\nfrom echo_mlx.tuner.finetune import FinetuneArgs, finetune\n"
         # corpus windows only: equal-length rows, so both runs sum the same terms in the same order
-        f"finetune(FinetuneArgs(model={six_layer_source!r}, plan='cla:2', fine_tune_type={fine_tune_type!r}, data='corpus', iters=3, batch_size=4, max_seq_length=64, "
+        f"finetune(FinetuneArgs(model={six_layer_source!r}, plan='cla:2', fine_tune_type={fine_tune_type!r}, lora_parameters={lora!r}, data='corpus', iters=3, batch_size=4, max_seq_length=64, "
         "steps_per_report=1, steps_per_eval=3, learning_rate=1e-3, adapter_path=sys.argv[1]))\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -60,7 +60,8 @@ def load_matching(model: nn.Module, weights: dict) -> None:
 def adapter_config(fine_tune_type: str, trainable_from: int, lora_parameters: dict, *, plan: str, fingerprint: str, model: str) -> dict:
     if fine_tune_type == "dylora":  # the config names the whole rank range, defaults included
         ranks = RankRange.from_parameters(lora_parameters)
-        lora_parameters = dict(lora_parameters, min_rank=ranks.min_rank, rank_sampling=ranks.sampling, rank_scaling=ranks.scaling)
+        lora_parameters = dict(lora_parameters, min_rank=ranks.min_rank, rank_sampling=ranks.sampling,
+                               rank_scaling=ranks.scaling, rank_draw=ranks.draw)
     return {
         "fine_tune_type": fine_tune_type,
         "num_layers": None,  # filled by save(): counted from the top, as mlx-lm counts

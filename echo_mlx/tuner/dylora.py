@@ -7,6 +7,11 @@ step, so their gradients are zero; the leading components, in every sampled
 adapter, learn the most. After one run, the first r components are a usable
 adapter for any trained rank r: pick it at deploy time.
 
+``rank_draw`` ``example`` draws a rank per example instead of per step
+(the batch's examples take the range's ranks in a shuffled order): every
+step then trains several ranks at once, so even a short run gives each rank
+its share of steps. Example i's output is exactly the rank-b_i adapter's.
+
 A rank-r forward is exactly the first r components' updates, times the
 scale of rank r: ``rank_scaling`` ``constant`` (the default) keeps one scale
 at every rank, ``inverse`` (DyLoRA's alpha / b) uses scale * R / r, so that
@@ -20,13 +25,14 @@ them at rank R.
 
 ``lora_parameters`` as mlx-lm's, plus ``min_rank`` (default 1),
 ``rank_sampling``: ``uniform`` (every rank in min_rank..rank equally likely)
-or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank), and
-``rank_scaling``.
+or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank),
+``rank_scaling`` and ``rank_draw`` (``step`` or ``example``).
 """
 
 from dataclasses import dataclass
 from typing import List
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 from mlx.utils import tree_unflatten
@@ -35,10 +41,15 @@ from ..errors import EchoError
 
 SAMPLINGS = ("uniform", "powers")
 SCALINGS = ("constant", "inverse")
+DRAWS = ("step", "example")
 
 
 class DyLoRALinear(LoRALinear):
-    """mlx-lm's LoRALinear whose first ``active_rank`` components are used."""
+    """mlx-lm's LoRALinear whose first ``active_rank`` components are used.
+
+    ``active_rank`` is an int, or a tuple with one rank per example of the
+    batch (a training step with ``rank_draw`` ``example``): a tuple, not an
+    array, so that it is not taken for a parameter of the module."""
 
     @classmethod
     def from_lora(cls, lora: LoRALinear, rank_scaling: str = "constant") -> "DyLoRALinear":
@@ -65,8 +76,22 @@ class DyLoRALinear(LoRALinear):
 
     def __call__(self, x):
         r = self.active_rank
+        if isinstance(r, tuple):
+            return self.linear(x) + self._per_example(self.dropout(x), r).astype(x.dtype)
         z = (self.dropout(x) @ self.lora_a[:, :r]) @ self.lora_b[:r]
         return self.linear(x) + (self.active_scale * z).astype(x.dtype)
+
+    def _per_example(self, x, ranks):
+        """Example i through its first ranks[i] components: masking the rest
+        zeroes both their output and their gradients, as truncation does."""
+        if len(ranks) != x.shape[0]:
+            raise ValueError(f"{len(ranks)} ranks for a batch of {x.shape[0]}")
+        b = mx.array(ranks)
+        keep = (mx.arange(self.max_rank)[None] < b[:, None]).astype(x.dtype)
+        scale = self.scale * (self.max_rank / b.astype(mx.float32) if self.rank_scaling == "inverse" else mx.ones(b.shape))
+        keep = keep * scale[:, None].astype(x.dtype)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (self.max_rank,)
+        return ((x @ self.lora_a) * keep.reshape(shape)) @ self.lora_b
 
     def fuse(self, dequantize: bool = False):
         """The base with the rank-``active_rank`` update folded in."""
@@ -83,12 +108,14 @@ class RankRange:
     max_rank: int
     sampling: str = "uniform"
     scaling: str = "constant"
+    draw: str = "step"
 
     @classmethod
     def from_parameters(cls, lora_parameters: dict) -> "RankRange":
         max_rank, min_rank = lora_parameters.get("rank"), lora_parameters.get("min_rank", 1)
         sampling = lora_parameters.get("rank_sampling", "uniform")
         scaling = lora_parameters.get("rank_scaling", "constant")
+        draw = lora_parameters.get("rank_draw", "step")
         for name, value in (("rank", max_rank), ("min_rank", min_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EchoError(f"lora_parameters {name} must be a whole number >= 1, not {value!r}")
@@ -98,7 +125,9 @@ class RankRange:
             raise EchoError(f"unknown rank_sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
         if scaling not in SCALINGS:
             raise EchoError(f"unknown rank_scaling {scaling!r}: use one of {', '.join(SCALINGS)}")
-        return cls(min_rank, max_rank, sampling, scaling)
+        if draw not in DRAWS:
+            raise EchoError(f"unknown rank_draw {draw!r}: use one of {', '.join(DRAWS)}")
+        return cls(min_rank, max_rank, sampling, scaling, draw)
 
     def choices(self) -> List[int]:
         if self.sampling == "uniform":
@@ -116,6 +145,18 @@ class RankRange:
 
         choices = self.choices()
         return choices[int(np.random.default_rng([seed, step, 0x0D71]).integers(len(choices)))]
+
+    def sample_examples(self, seed: int, step: int, micro: int, batch_size: int) -> tuple:
+        """One rank per example of micro-batch ``micro`` of step ``step`` (the
+        global batch: distributed rank k takes every world_size-th, as it does the
+        examples). The range's ranks in a shuffled order, repeated as needed, so a
+        batch with at least as many examples as ranks trains every one."""
+        import numpy as np
+
+        choices = self.choices()
+        rng = np.random.default_rng([seed, step, micro, 0x0D72])
+        draws = np.concatenate([rng.permutation(choices) for _ in range(-(-batch_size // len(choices)))])
+        return tuple(int(r) for r in draws[:batch_size])
 
     def check(self, rank: int, path) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or not self.min_rank <= rank <= self.max_rank:
@@ -138,7 +179,10 @@ def dynamic_layers(model: nn.Module) -> List[DyLoRALinear]:
     return [m for _, m in model.named_modules() if isinstance(m, DyLoRALinear)]
 
 
-def set_rank(model: nn.Module, rank: int) -> None:
-    """Use the first ``rank`` components of every dynamic adapter in ``model``."""
+def set_rank(model: nn.Module, rank) -> None:
+    """Use the first ``rank`` components of every dynamic adapter in ``model``
+    (an int, or a sequence of one rank per example of the next batch)."""
+    rank = rank if isinstance(rank, int) else tuple(int(r) for r in rank)
     for layer in dynamic_layers(model):
-        layer.active_rank = rank
+        # Past nn.Module.__setattr__, which would file a tuple among the parameters.
+        object.__setattr__(layer, "active_rank", rank)

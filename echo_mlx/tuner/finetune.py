@@ -418,13 +418,17 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                 step += 1
                 tic = time.perf_counter()
                 mx.random.seed(args.seed * 1_000_003 + step)  # dropout draws: a function of the step
-                if ranks is not None:  # DyLoRA: this step trains the first `sampled` components
+                if ranks is not None and ranks.draw == "step":  # DyLoRA: this step trains the first `sampled` components
                     sampled = ranks.sample(args.seed, step)
                     set_rank(student, sampled)
                     window_ranks.append(sampled)
                 grads, loss_sum, tokens = None, mx.array(0.0), mx.array(0.0)
-                for _ in range(args.grad_accumulation_steps):
+                for micro in range(args.grad_accumulation_steps):
                     batch, lengths = next(data)
+                    if ranks is not None and ranks.draw == "example":  # a rank per example of the global batch
+                        sampled = ranks.sample_examples(args.seed, step, micro, args.batch_size)
+                        set_rank(student, sampled[rank::size][: batch.shape[0]])
+                        window_ranks.append(list(sampled))
                     (s, c), g = value_and_grad(student, batch, lengths)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
                     loss_sum, tokens = loss_sum + s, tokens + c
