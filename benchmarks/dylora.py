@@ -61,7 +61,8 @@ from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
 from echo_mlx.io import shipped
 from echo_mlx.tuner import adapters
 from echo_mlx.tuner.dylora import set_rank
-from echo_mlx.tuner.finetune import FinetuneArgs, finetune, make_loss
+from echo_mlx.tuner.data import builtin_examples
+from echo_mlx.tuner.finetune import FinetuneArgs, evaluate, finetune, make_loss
 from echo_mlx.tuner.plot import save_figure
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -112,6 +113,19 @@ def reused(args):
 def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
     model, _ = load("default", plan=args.plan, adapter_path=str(path), lora_rank=rank)
     return perplexity(model, windows)
+
+
+def validation_ce(args, path: Path, ranks, tokenizer) -> dict:
+    """Cross-entropy on finetune's validation batches (built-in training half, no held-out
+    text) at each rank: what the defaults are chosen on."""
+    _, valid = builtin_examples(tokenizer, 256, "builtin")
+    settings = FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8)
+    loss = make_loss(None, 0.0, 1.0)
+    result = {}
+    for rank in ranks:
+        model, _ = load("default", plan=args.plan, adapter_path=str(path), lora_rank=rank)
+        result[rank] = evaluate(model, loss, valid, settings, 0, 1)
+    return result
 
 
 def plot(rows, variants, naive, path):
@@ -178,6 +192,7 @@ def main():
 
     earlier = reused(args)
     dylora, earlier_minutes = {}, dict(earlier["dylora_cpu_min"]) if earlier else {}
+    validation = dict(earlier.get("validation", {})) if earlier else {}
     for variant in args.variants:
         if variant in earlier_minutes:
             continue
@@ -186,6 +201,8 @@ def main():
             "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
             "scale": SCALE, "dropout": 0.0})
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
+        validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), tokenizer)
+        print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)
     rows = []
     for rank in sorted(args.ranks):
         if earlier:
@@ -211,7 +228,7 @@ def main():
     print(f"\nnaive start {naive:.2f}; CPU minutes: dylora " + ", ".join(f"{s} {m:.1f}{mark(s)}" for s, m in minutes.items())
           + f" (one run each) vs {fixed_total:.1f} for the {len(rows)} fixed-rank runs; the first run computes the teacher's outputs, the rest read them")
     plot(rows, variants, naive, args.png)
-    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": minutes, "rows": rows,
+    results = {"settings": vars(args), "naive": naive, "dylora_cpu_min": minutes, "rows": rows, "validation": validation,
                "reused": {"from": args.reuse, "variants": list(earlier_minutes)} if earlier else None}
     if earlier and args.skip_quantized:
         results.update({k: earlier[k] for k in ("memory", "curves") if k in earlier})
