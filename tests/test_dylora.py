@@ -100,6 +100,13 @@ def test_per_example_draws_cover_the_range_and_are_reproducible():
     assert draws == [ranks.sample_examples(0, step, 0, 4) for step in range(1, 50)]
     assert draws != [ranks.sample_examples(0, step, 1, 4) for step in range(1, 50)]  # micro-batches differ
     assert sorted(ranks.sample_examples(3, 1, 0, 10)) == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]
+    log = RankRange.from_parameters({"rank": 16, "rank_sampling": "log"})
+    assert log.buckets() == [[1], [2, 3], [4, 5, 6, 7], list(range(8, 16)), [16]] and log.choices() == list(range(1, 17))
+    octave = lambda r: min(r.bit_length() - 1, 4)  # 1 -> 0, 2..3 -> 1, ..., 16 -> 4
+    batches = [log.sample_examples(0, step, 0, 5) for step in range(1, 60)]
+    assert all(sorted(map(octave, b)) == [0, 1, 2, 3, 4] for b in batches)  # every octave in each batch of 5
+    assert set().union(*batches) == set(range(1, 17))  # ... and every rank drawn
+    assert set(log.sample(0, step) for step in range(1, 400)) == set(range(1, 17))
     with pytest.raises(EchoError, match="unknown rank_draw"):
         RankRange.from_parameters({"rank": 4, "rank_draw": "batch"})
 

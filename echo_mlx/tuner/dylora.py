@@ -25,7 +25,9 @@ them at rank R.
 
 ``lora_parameters`` as mlx-lm's, plus ``min_rank`` (default 1),
 ``rank_sampling``: ``uniform`` (every rank in min_rank..rank equally likely)
-or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank),
+or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank) or ``log``
+(each octave min_rank·2^k .. min_rank·2^(k+1) - 1 as likely, then a rank in it,
+and rank itself: every rank drawn, the low ones as often as with powers),
 ``rank_scaling`` and ``rank_draw`` (``step`` or ``example``).
 """
 
@@ -39,7 +41,7 @@ from mlx.utils import tree_unflatten
 
 from ..errors import EchoError
 
-SAMPLINGS = ("uniform", "powers")
+SAMPLINGS = ("uniform", "powers", "log")
 SCALINGS = ("constant", "inverse")
 DRAWS = ("step", "example")
 
@@ -129,34 +131,41 @@ class RankRange:
             raise EchoError(f"unknown rank_draw {draw!r}: use one of {', '.join(DRAWS)}")
         return cls(min_rank, max_rank, sampling, scaling, draw)
 
-    def choices(self) -> List[int]:
+    def buckets(self) -> List[List[int]]:
+        """The draw: a bucket, all equally likely, then a rank within it."""
         if self.sampling == "uniform":
-            return list(range(self.min_rank, self.max_rank + 1))
-        ranks, r = [], self.min_rank
+            return [[r] for r in range(self.min_rank, self.max_rank + 1)]
+        powers, r = [], self.min_rank
         while r < self.max_rank:
-            ranks.append(r)
+            powers.append(r)
             r *= 2
-        return ranks + [self.max_rank]
+        if self.sampling == "powers":
+            return [[r] for r in powers + [self.max_rank]]
+        # log: every octave [b, 2b) as likely, and the full rank: all ranks drawn, the low ones often.
+        return [list(range(b, min(2 * b, self.max_rank))) for b in powers] + [[self.max_rank]]
+
+    def choices(self) -> List[int]:
+        return [r for bucket in self.buckets() for r in bucket]
 
     def sample(self, seed: int, step: int) -> int:
         """The rank of training step ``step``: a function of (seed, step) alone, so
         every distributed rank draws the same one and ``--resume`` redraws them exactly."""
         import numpy as np
 
-        choices = self.choices()
-        return choices[int(np.random.default_rng([seed, step, 0x0D71]).integers(len(choices)))]
+        rng, buckets = np.random.default_rng([seed, step, 0x0D71]), self.buckets()
+        return _within(buckets[int(rng.integers(len(buckets)))], rng)
 
     def sample_examples(self, seed: int, step: int, micro: int, batch_size: int) -> tuple:
         """One rank per example of micro-batch ``micro`` of step ``step`` (the
         global batch: distributed rank k takes every world_size-th, as it does the
         examples). The range's ranks in a shuffled order, repeated as needed, so a
-        batch with at least as many examples as ranks trains every one."""
+        batch with at least as many examples as ranks (``log``: octaves) trains every one."""
         import numpy as np
 
-        choices = self.choices()
+        buckets = self.buckets()
         rng = np.random.default_rng([seed, step, micro, 0x0D72])
-        draws = np.concatenate([rng.permutation(choices) for _ in range(-(-batch_size // len(choices)))])
-        return tuple(int(r) for r in draws[:batch_size])
+        order = np.concatenate([rng.permutation(len(buckets)) for _ in range(-(-batch_size // len(buckets)))])
+        return tuple(_within(buckets[int(i)], rng) for i in order[:batch_size])
 
     def check(self, rank: int, path) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or not self.min_rank <= rank <= self.max_rank:
@@ -165,6 +174,10 @@ class RankRange:
                 f"({self.min_rank}..{self.max_rank}): pick one in that range"
             )
         return rank
+
+
+def _within(bucket: List[int], rng) -> int:
+    return bucket[int(rng.integers(len(bucket)))] if len(bucket) > 1 else bucket[0]
 
 
 def to_dynamic(model: nn.Module, rank_scaling: str = "constant") -> List[DyLoRALinear]:
