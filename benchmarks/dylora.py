@@ -245,7 +245,8 @@ def main():
             base = out / f"base-{name}"
             convert("default", args.plan, quantize=quantize, dtype="float32", out=base, force=True)
             path, _ = run(args, f"q-{name}", "dylora", {"rank": high, "min_rank": low, "scale": SCALE, "dropout": 0.0,
-                                                        "rank_sampling": "powers", "rank_scaling": "inverse"},
+                                                        "rank_sampling": "powers", "rank_scaling": "inverse",
+                                                        "rank_draw": "step"},
                           model=str(base), plan=None, kv_init=None, iters=args.quantized_iters, batch_size=1,
                           max_seq_length=128, steps_per_report=1, steps_per_eval=args.quantized_iters, val_batches=2,
                           save_every=args.quantized_iters, teacher_cache=None)

@@ -19,7 +19,7 @@ def finetune(
     min_rank: Optional[int] = typer.Option(None, help="dylora: the smallest rank trained (default 1)."),
     rank_sampling: Optional[str] = typer.Option(None, help="dylora: uniform (every rank in the range) | powers (min, 2 min, 4 min, ..., max) | log (each octave as likely, every rank drawn)."),
     rank_scaling: Optional[str] = typer.Option(None, help="dylora: constant (one scale at every rank, default) | inverse (scale x max/b at rank b, DyLoRA's alpha/b)."),
-    rank_draw: Optional[str] = typer.Option(None, help="dylora: step (one rank per step, default) | example (a rank per example: every step trains several ranks)."),
+    rank_draw: Optional[str] = typer.Option(None, help="dylora: example (a rank per example: every step trains several ranks; default) | step (one rank per step)."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
     batch_size: Optional[int] = typer.Option(None),
     iters: Optional[int] = typer.Option(None),

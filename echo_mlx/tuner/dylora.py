@@ -7,10 +7,13 @@ step, so their gradients are zero; the leading components, in every sampled
 adapter, learn the most. After one run, the first r components are a usable
 adapter for any trained rank r: pick it at deploy time.
 
-``rank_draw`` ``example`` draws a rank per example instead of per step
-(the batch's examples take the range's ranks in a shuffled order): every
-step then trains several ranks at once, so even a short run gives each rank
-its share of steps. Example i's output is exactly the rank-b_i adapter's.
+``rank_draw`` ``example`` (the default) draws a rank per example instead of
+per step (``step``): the batch's examples take the range's ranks in a
+shuffled order, so every step trains several ranks at once and even a short
+run gives each rank its share of steps. Example i's output is exactly the
+rank-b_i adapter's. Measured (benchmarks/dylora.py, 16 steps), per-example
+draws cut the gap to a run per rank from 8-26% to 1-13%, and lowered the
+validation loss at ranks 1 and 4 (uniform: 2.285 -> 2.252, 2.096 -> 2.067).
 
 A rank-r forward is exactly the first r components' updates, times the
 scale of rank r: ``rank_scaling`` ``constant`` (the default) keeps one scale
@@ -110,14 +113,14 @@ class RankRange:
     max_rank: int
     sampling: str = "uniform"
     scaling: str = "constant"
-    draw: str = "step"
+    draw: str = "example"
 
     @classmethod
     def from_parameters(cls, lora_parameters: dict) -> "RankRange":
         max_rank, min_rank = lora_parameters.get("rank"), lora_parameters.get("min_rank", 1)
         sampling = lora_parameters.get("rank_sampling", "uniform")
         scaling = lora_parameters.get("rank_scaling", "constant")
-        draw = lora_parameters.get("rank_draw", "step")
+        draw = lora_parameters.get("rank_draw", "example")
         for name, value in (("rank", max_rank), ("min_rank", min_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EchoError(f"lora_parameters {name} must be a whole number >= 1, not {value!r}")
