@@ -17,7 +17,7 @@ def finetune(
     fine_tune_type: Optional[str] = typer.Option(None, help="lora | dora | dylora (one adapter for every rank up to --lora-rank) | full."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (dylora: the largest rank trained); sets lora_parameters' rank."),
     min_rank: Optional[int] = typer.Option(None, help="dylora: the smallest rank trained (default 1)."),
-    rank_sampling: Optional[str] = typer.Option(None, help="dylora: uniform (every rank in the range) | powers (min, 2 min, 4 min, ..., max) | log (each octave as likely, every rank drawn)."),
+    rank_sampling: Optional[str] = typer.Option(None, help="dylora: log (each octave as likely, every rank drawn; default) | uniform (every rank in the range) | powers (min, 2 min, 4 min, ..., max)."),
     rank_scaling: Optional[str] = typer.Option(None, help="dylora: constant (one scale at every rank, default) | inverse (scale x max/b at rank b, DyLoRA's alpha/b)."),
     rank_draw: Optional[str] = typer.Option(None, help="dylora: example (a rank per example: every step trains several ranks; default) | step (one rank per step)."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),

@@ -141,7 +141,7 @@ def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_so
     config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "dylora"
     recorded = {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling", "rank_scaling", "rank_draw")}
-    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "uniform", "rank_scaling": "constant", "rank_draw": draw}
+    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "log", "rank_scaling": "constant", "rank_draw": draw}
 
 
 @pytest.mark.parametrize("schedule", [dict(schedule="progressive", iters=6), dict(layerwise_iters=3, iters=6)])

@@ -111,14 +111,14 @@ class RankRange:
 
     min_rank: int
     max_rank: int
-    sampling: str = "uniform"
+    sampling: str = "log"
     scaling: str = "constant"
     draw: str = "example"
 
     @classmethod
     def from_parameters(cls, lora_parameters: dict) -> "RankRange":
         max_rank, min_rank = lora_parameters.get("rank"), lora_parameters.get("min_rank", 1)
-        sampling = lora_parameters.get("rank_sampling", "uniform")
+        sampling = lora_parameters.get("rank_sampling", "log")
         scaling = lora_parameters.get("rank_scaling", "constant")
         draw = lora_parameters.get("rank_draw", "example")
         for name, value in (("rank", max_rank), ("min_rank", min_rank)):
