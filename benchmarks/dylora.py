@@ -115,10 +115,9 @@ def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
     return perplexity(model, windows)
 
 
-def validation_ce(args, path: Path, ranks, tokenizer) -> dict:
+def validation_ce(args, path: Path, ranks, valid) -> dict:
     """Cross-entropy on finetune's validation batches (built-in training half, no held-out
     text) at each rank: what the defaults are chosen on."""
-    _, valid = builtin_examples(tokenizer, 256, "builtin")
     settings = FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8)
     loss = make_loss(None, 0.0, 1.0)
     result = {}
@@ -193,6 +192,7 @@ def main():
     earlier = reused(args)
     dylora, earlier_minutes = {}, dict(earlier["dylora_cpu_min"]) if earlier else {}
     validation = dict(earlier.get("validation", {})) if earlier else {}
+    _, valid = builtin_examples(tokenizer, 256, "builtin")  # finetune's validation examples at this window
     for variant in args.variants:
         if variant in earlier_minutes:
             continue
@@ -201,7 +201,7 @@ def main():
             "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
             "scale": SCALE, "dropout": 0.0})
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
-        validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), tokenizer)
+        validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)
     rows = []
     for rank in sorted(args.ranks):

@@ -1,9 +1,9 @@
 """Dynamic-rank LoRA (DyLoRA; QDyLoRA on a quantized base): one adapter for every rank up to R.
 
-Each training step samples one rank b from the configured range and trains
-the truncated adapter: the first b columns of A and the first b rows of B
-(mlx-lm's layout, ``x @ A @ B``). Components past b take no part in that
-step, so their gradients are zero; the leading components, in every sampled
+Each training example (or, with ``rank_draw`` ``step``, each step) samples one
+rank b from the configured range and trains the truncated adapter: the first b
+columns of A and the first b rows of B (mlx-lm's layout, ``x @ A @ B``). Components past b take no part in that
+example, so their gradients are zero; the leading components, in every sampled
 adapter, learn the most. After one run, the first r components are a usable
 adapter for any trained rank r: pick it at deploy time.
 
@@ -118,9 +118,10 @@ class RankRange:
     @classmethod
     def from_parameters(cls, lora_parameters: dict) -> "RankRange":
         max_rank, min_rank = lora_parameters.get("rank"), lora_parameters.get("min_rank", 1)
-        sampling = lora_parameters.get("rank_sampling", "log")
-        scaling = lora_parameters.get("rank_scaling", "constant")
-        draw = lora_parameters.get("rank_draw", "example")
+        # The defaults are the dataclass's own, stated once above.
+        sampling = lora_parameters.get("rank_sampling", cls.sampling)
+        scaling = lora_parameters.get("rank_scaling", cls.scaling)
+        draw = lora_parameters.get("rank_draw", cls.draw)
         for name, value in (("rank", max_rank), ("min_rank", min_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EchoError(f"lora_parameters {name} must be a whole number >= 1, not {value!r}")
