@@ -13,7 +13,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from echo_mlx.api import load
 from echo_mlx.errors import EchoError
 from echo_mlx.tuner import adapters
-from echo_mlx.tuner.dylora import DyLoRALinear, RankRange, dynamic_layers, set_rank
+from echo_mlx.tuner.dylora import DyLoRALinear, RankRange, dynamic_layers, scale_updates, set_rank
 from echo_mlx.tuner.finetune import FinetuneArgs, finetune
 
 from fixtures import QUICK
@@ -121,14 +121,53 @@ def test_rank_ranges_their_draws_and_bad_ranges():
     for parameters, words in (({"rank": 4, "min_rank": 5}, "is empty"), ({"rank": 0}, "rank must be"),
                               ({"rank": 4, "min_rank": 1.5}, "min_rank must be"),
                               ({"rank": 4, "rank_sampling": "normal"}, "unknown rank_sampling"),
-                              ({"rank": 4, "rank_scaling": "sqrt"}, "unknown rank_scaling")):
+                              ({"rank": 4, "rank_scaling": "sqrt"}, "unknown rank_scaling"),
+                              ({"rank": 4, "rank_lr": "inverse"}, "unknown rank_lr")):
         with pytest.raises(EchoError, match=words):
             RankRange.from_parameters(parameters)
 
 
-@pytest.mark.parametrize("draw", ["step", "example"])
-def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_source, tmp_path, draw):
-    kw = dict(plan="yoco", iters=8, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.1, "rank_draw": draw})
+def test_component_shares_are_the_draws_frequencies_and_set_the_learning_rates():
+    for parameters in ({"rank": 16}, {"rank": 12, "min_rank": 2, "rank_sampling": "powers"}, {"rank": 5, "rank_sampling": "uniform"}):
+        ranks = RankRange.from_parameters(parameters)
+        draws = np.array([ranks.sample(7, step) for step in range(1, 20001)])
+        seen = [(draws >= j).mean() for j in range(1, ranks.max_rank + 1)]
+        np.testing.assert_allclose(ranks.component_shares(), seen, atol=0.015)
+        assert ranks.component_shares()[: ranks.min_rank] == pytest.approx([1.0] * ranks.min_rank)
+    log = RankRange.from_parameters({"rank": 16, "rank_lr": "sqrt"})
+    np.testing.assert_allclose(log.lr_multipliers(), np.sqrt(log.component_shares()))
+    assert log.lr_multipliers()[-1] == pytest.approx(0.2**0.5)  # rank 16: one draw in five
+    assert RankRange.from_parameters({"rank": 16, "rank_lr": "linear"}).lr_multipliers()[-1] == pytest.approx(0.2)
+    assert RankRange.from_parameters({"rank": 16, "rank_lr": "constant"}).lr_multipliers() == [1.0] * 16
+    assert RankRange.from_parameters({"rank": 16}).lr == "sqrt"  # the default
+
+
+def test_scale_updates_gives_each_component_its_own_learning_rate():
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    x = mx.random.normal((3, 8), key=mx.random.key(1)).astype(mx.float64)
+    steps = {}
+    for multipliers in (None, [1.0, 0.5, 0.25, 0.0, 2.0, 1.0]):
+        dy, opt = layer(), optim.Adam(learning_rate=0.1)
+        dy.freeze(keys=["linear"])
+        start = (dy.lora_a, dy.lora_b)
+        with mx.stream(mx.cpu):
+            grads = nn.value_and_grad(dy, lambda m, x: (m(x) ** 2).sum())(dy, x)[1]
+            opt.update(dy, grads)
+            if multipliers:
+                scale_updates([dy], [start], multipliers)
+            steps[multipliers is None] = (np.array(dy.lora_a - start[0]), np.array(dy.lora_b - start[1]))
+    m = np.array([1.0, 0.5, 0.25, 0.0, 2.0, 1.0])
+    assert np.abs(steps[True][0]).min() > 0  # every component moved in the plain step
+    np.testing.assert_allclose(steps[False][0], steps[True][0] * m[None], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(steps[False][1], steps[True][1] * m[:, None], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("draw,rank_lr", [("step", "constant"), ("example", "constant"), ("example", "sqrt")])
+def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_source, tmp_path, draw, rank_lr):
+    kw = dict(plan="yoco", iters=8, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.1, "rank_draw": draw,
+                                                     "rank_lr": rank_lr})
     run(six_layer_source, tmp_path / "straight", **kw)
     finetune(FinetuneArgs(model=six_layer_source, adapter_path=str(tmp_path / "stopped"), **dict(QUICK, **dict(DYLORA, **kw))),
              stop_after=5)
@@ -140,8 +179,9 @@ def test_resume_redraws_the_sampled_ranks_and_reproduces_the_losses(six_layer_so
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]  # bit-identical
     config = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "dylora"
-    recorded = {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling", "rank_scaling", "rank_draw")}
-    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "log", "rank_scaling": "constant", "rank_draw": draw}
+    recorded = {k: config["lora_parameters"][k] for k in ("rank", "min_rank", "rank_sampling", "rank_scaling", "rank_draw", "rank_lr")}
+    assert recorded == {"rank": 4, "min_rank": 1, "rank_sampling": "log", "rank_scaling": "constant", "rank_draw": draw,
+                        "rank_lr": rank_lr}
 
 
 @pytest.mark.parametrize("schedule", [dict(schedule="progressive", iters=6), dict(layerwise_iters=3, iters=6)])
@@ -209,10 +249,10 @@ def test_finetune_flags_set_the_rank_range_and_an_empty_range_is_one_line(six_la
     base = ("finetune", "--model", six_layer_source, "--plan", "cla:2", "--fine-tune-type", "dylora", "--iters", "2",
             "--batch-size", "2", "--max-seq-length", "64")
     assert cli(*base, "--lora-rank", "6", "--min-rank", "2", "--rank-sampling", "powers", "--rank-scaling", "inverse",
-               "--rank-draw", "example", "--adapter-path", str(tmp_path / "run")) == 0
+               "--rank-draw", "example", "--rank-lr", "linear", "--adapter-path", str(tmp_path / "run")) == 0
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["lora_parameters"]
-    assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"], saved["rank_draw"]) == (
-        6, 2, "powers", "inverse", "example")
+    assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"], saved["rank_draw"],
+            saved["rank_lr"]) == (6, 2, "powers", "inverse", "example", "linear")
     model, _ = load(six_layer_source, plan="cla:2", adapter_path=str(tmp_path / "run"), lora_rank=2)
     assert {(m.active_rank, m.rank_scaling) for m in dynamic_layers(model)} == {(2, "inverse")}
     capsys.readouterr()

@@ -40,7 +40,7 @@ from ..io import checkpoint
 from ..models.plans import SharingPlan
 from .data import BUILTIN, batches, builtin_examples, load_data_dir, spread_batches
 from .distill import distillation_loss, teacher_statistics
-from .dylora import RankRange, set_rank
+from .dylora import RankRange, dynamic_layers, scale_updates, set_rank
 from .schedule import build_stages, stage_at
 from .trainstate import TrainState, check_same_config, load_state, save_state
 
@@ -363,6 +363,7 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
     tokens_at_start = tokens_seen
     last_good = None  # (step, trainable weights, optimizer state, tokens seen)
     ranks = RankRange.from_parameters(args.lora_parameters) if args.fine_tune_type == "dylora" else None
+    component_lr = ranks.lr_multipliers() if ranks is not None and ranks.lr != "constant" else None
     started = time.perf_counter()
 
     def validate(student, k, step, on_target, config_for_adapters, best):
@@ -439,7 +440,11 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     loss_sum = mx.distributed.all_sum(loss_sum, stream=mx.cpu)
                     tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
                 grads = tree_map(lambda g: g / tokens, grads)
+                dynamic = dynamic_layers(student) if component_lr else []
+                before = [(m.lora_a, m.lora_b) for m in dynamic]
                 optimizer.update(student, grads)
+                if component_lr:  # DyLoRA rank_lr: a learning rate per component
+                    scale_updates(dynamic, before, component_lr)
                 mx.eval(student.trainable_parameters(), optimizer.state)
                 value, n = loss_sum.item() / tokens.item(), int(tokens.item())
                 if not math.isfinite(value):
