@@ -144,7 +144,6 @@ def test_component_shares_are_the_draws_frequencies_and_set_the_learning_rates()
 
 def test_scale_updates_gives_each_component_its_own_learning_rate():
     import mlx.optimizers as optim
-    from mlx.utils import tree_map
 
     x = mx.random.normal((3, 8), key=mx.random.key(1)).astype(mx.float64)
     steps = {}
