@@ -4,6 +4,7 @@
     echo-mlx finetune --model runs/ship/base ... --adapter-path runs/ship/adapters
     python scripts/ship.py card runs/ship --plan-name NAME --command "echo-mlx finetune ..." \\
         --wall-minutes M --hardware "..."
+    python scripts/ship.py validate runs/ship runs/other-candidate ...
 
 ``prepare`` converts the default model with ``--kv-init fit`` and rounds the
 tensors the fit changed to float16, then writes that as the checkpoint to
@@ -16,6 +17,11 @@ the fitted base and the adapted model; the held-out chat answers (echo_mlx.datas
 the general set's held-out samples (echo_mlx.datasets.general) and the other-domain text (echo_mlx.analysis.evaluate.other_domain_windows) under the
 original and the adapted model; then it copies the run's best-validation
 adapters and the fitted tensors and writes the card with their checksums.
+
+``validate`` is what a candidate is chosen on: the same four figures on
+validation text only (the corpus's validation windows, the chat and general
+sets' validation splits, the validation licences), for the shipped model and
+each run's fitted base and adapted model, as ratios to the original.
 """
 
 import argparse
@@ -28,12 +34,12 @@ from pathlib import Path
 import echo_mlx  # noqa: F401  (before mlx: OpenBLAS on Linux)
 import mlx.core as mx
 
-from echo_mlx.analysis.evaluate import other_domain_windows, perplexity
+from echo_mlx.analysis.evaluate import other_domain_validation_windows, other_domain_windows, perplexity
 from echo_mlx.api import load
 from echo_mlx.conversion.convert import convert
 from echo_mlx.conversion.fit import FitOptions
 from echo_mlx.datasets import chat, general
-from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows
+from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows, validation_windows
 from echo_mlx.io import checkpoint, shipped
 from echo_mlx.models.plans import SharingPlan
 from echo_mlx.tuner import adapters
@@ -134,6 +140,33 @@ def card(args):
     print(f"wrote {out} (adapters sha256 {card['adapters_sha256'][:16]}..., fit sha256 {card['fit_sha256'][:16]}...)")
 
 
+def validate(args):
+    original, tokenizer = load("default", plan="none")
+    corpus_windows, licence_windows = validation_windows(tokenizer), other_domain_validation_windows(tokenizer)
+
+    def figures(model):
+        c, g = chat.answer_scores(model, tokenizer, "valid"), general.scores(model, tokenizer, "valid")
+        return {"corpus": perplexity(model, corpus_windows), "chat": c["ppl"], "chat_top1": c["top1"],
+                "general": g["ppl"], "licences": perplexity(model, licence_windows)}
+
+    reference = figures(original)
+    del original
+    print(f"{'model':<32} {'corpus ppl':>10} {'chat ratio':>10} {'chat top-1':>10} {'general':>8} {'licences':>8}")
+
+    def show(name, model):
+        f = figures(model)
+        print(f"{name:<32} {f['corpus']:>10.2f} {f['chat'] / reference['chat']:>10.3f} {f['chat_top1']:>10.1%} "
+              f"{f['general'] / reference['general']:>8.3f} {f['licences'] / reference['licences']:>8.3f}", flush=True)
+
+    print(f"{'original':<32} {reference['corpus']:>10.2f} {1:>10.3f} {reference['chat_top1']:>10.1%} {1:>8.3f} {1:>8.3f}")
+    if not args.skip_shipped:
+        show("shipped", shipped.load()[0])
+    for run in map(Path, args.runs):
+        model = checkpoint.load(run / "base")[0]
+        show(f"{run} fitted", model)
+        show(f"{run} adapted", adapters.apply(model, run / "adapters", str(run / "base")))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -150,8 +183,11 @@ def main():
     c.add_argument("--hardware", required=True)
     c.add_argument("--config", help="the run's -c YAML: shipped as finetune.yaml, the command points at it")
     c.add_argument("--out", default=str(shipped.SHIPPED))
+    v = sub.add_parser("validate")
+    v.add_argument("runs", nargs="*", help="directories holding base/ and adapters/")
+    v.add_argument("--skip-shipped", action="store_true")
     args = parser.parse_args()
-    prepare(args) if args.verb == "prepare" else card(args)
+    {"prepare": prepare, "card": card, "validate": validate}[args.verb](args)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,20 @@ def test_no_adaptation_data_is_legal_text_so_the_licences_stay_another_domain():
     assert not any(word in openings for word in ("licen", "copyright", "warranty", "legal", "contract", "law"))
 
 
+def test_validation_licences_hold_no_span_of_the_heldout_licences(tokenizer):
+    from echo_mlx.analysis.evaluate import (OTHER_DOMAIN, OTHER_DOMAIN_VALIDATION, other_domain_validation_windows,
+                                            other_domain_windows)
+
+    encode = lambda path: tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+    held = corpus.spans([encode(OTHER_DOMAIN)])
+    assert corpus.spans([encode(OTHER_DOMAIN_VALIDATION)]) & held  # GPL-2 shares GPL-3's phrases: the cut is needed
+    windows = other_domain_validation_windows(tokenizer)
+    assert len(windows) == 16 and all(len(w) == 513 for w in windows)
+    assert len({tuple(w) for w in windows}) == 16
+    assert not leaks(windows, held)
+    assert not leaks(windows, corpus.spans(other_domain_windows(tokenizer)))
+
+
 def test_cutting_spans_removes_every_occurrence_and_keeps_the_rest_in_order():
     tokens = list(range(100)) + list(range(40, 60)) + list(range(200, 260))
     forbidden = corpus.spans([list(range(45, 55))], n=8)

@@ -65,6 +65,7 @@ def test_the_wheel_holds_echo_mlx_only(tmp_path):
         assert f"echo_mlx/{group}/__init__.py" in names
     assert "echo_mlx/datasets/chatdata/chat.jsonl" in names
     assert "echo_mlx/datasets/evaldata/licenses.txt" in names
+    assert "echo_mlx/datasets/evaldata/licenses-validation.txt" in names
 
 
 def test_model_py_imports_on_its_own(tmp_path):

@@ -9,6 +9,11 @@ licences (GNU GPL v3, Apache 2.0, Mozilla Public License 2.0: legal English,
 as Debian ships them in /usr/share/common-licenses; each allows verbatim
 copies), measured with the same protocol (16 windows of 513 tokens, spread
 evenly over the whole text).
+
+Choices that aim at that goal are made on other licences of the same domain
+(GPL-2, LGPL-2.1, MPL-1.1, GFDL-1.3, Artistic, CC0-1.0, as Debian ships them),
+with every 32-token span of the held-out licences cut out: the held-out
+licences inform no choice.
 """
 
 import math
@@ -17,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..datasets.corpus import builtin_tokens, heldout_windows
+from ..datasets.corpus import builtin_tokens, heldout_windows, spans, windows, without_spans
 
 
 def mean_nll(model, windows, batch_size: int = 4) -> float:
@@ -39,10 +44,22 @@ def heldout_perplexity(model, tokenizer, windows=None, batch_size: int = 4) -> f
     return perplexity(model, windows or heldout_windows(builtin_tokens(tokenizer)), batch_size)
 
 
-OTHER_DOMAIN = Path(__file__).resolve().parents[1] / "datasets" / "evaldata" / "licenses.txt"
+EVALDATA = Path(__file__).resolve().parents[1] / "datasets" / "evaldata"
+OTHER_DOMAIN = EVALDATA / "licenses.txt"
+OTHER_DOMAIN_VALIDATION = EVALDATA / "licenses-validation.txt"
 
 
 def other_domain_windows(tokenizer, count: int = 16, length: int = 513):
     tokens = tokenizer.encode(OTHER_DOMAIN.read_text(encoding="utf-8"), add_special_tokens=False)
     stride = (len(tokens) - length) // (count - 1)
     return [tokens[i * stride : i * stride + length] for i in range(count)]
+
+
+def other_domain_validation_windows(tokenizer, count: int = 16, length: int = 513):
+    """``count`` windows of the validation licences, spread evenly; none holds a
+    32-token span of the held-out licences (cut out, no window straddles a cut)."""
+    encode = lambda path: tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+    segments = without_spans(encode(OTHER_DOMAIN_VALIDATION), spans([encode(OTHER_DOMAIN)]))
+    candidates = windows(segments, length)
+    step = len(candidates) / count
+    return [candidates[int(i * step)] for i in range(count)]
