@@ -10,7 +10,7 @@ steps of 4 x 256 tokens of the built-in data, LoRA scale 20 on the layers the
 plan changed, lr ``--learning-rate``, the best step by validation loss):
 
 - one ``--fine-tune-type dylora`` run per ``--variants`` entry
-  (``rank_sampling/rank_scaling[/rank_draw[/rank_lr]]``), ranks min(--ranks)..max(--ranks): ``uniform``
+  (``rank_sampling/rank_scaling[/rank_draw[/rank_lr[/min_rank_weight]]]``), ranks min(--ranks)..max(--ranks): ``uniform``
   draws every rank in the range, ``powers`` only min, 2 min, ..., max;
   ``inverse`` scales rank b by R / b (DyLoRA's alpha / b), ``constant`` does not;
   ``example`` draws a rank per example (every step trains several), the default
@@ -196,11 +196,11 @@ def main():
     for variant in args.variants:
         if variant in earlier_minutes:
             continue
-        sampling, scaling, draw, lr = (variant.split("/") + [None, None])[:4]
-        draw, lr = draw or "step", lr or "constant"
+        sampling, scaling, draw, lr, weight = (variant.split("/") + [None, None, None])[:5]
+        draw, lr, weight = draw or "step", lr or "constant", int(weight or 1)
         dylora[variant] = run(args, "dylora-" + variant.replace("/", "-"), "dylora", {
             "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
-            "rank_lr": lr, "scale": SCALE, "dropout": 0.0})
+            "rank_lr": lr, "min_rank_weight": weight, "scale": SCALE, "dropout": 0.0})
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
         validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)

@@ -21,6 +21,7 @@ def finetune(
     rank_scaling: Optional[str] = typer.Option(None, help="dylora: constant (one scale at every rank, default) | inverse (scale x max/b at rank b, DyLoRA's alpha/b)."),
     rank_draw: Optional[str] = typer.Option(None, help="dylora: example (a rank per example: every step trains several ranks; default) | step (one rank per step)."),
     rank_lr: Optional[str] = typer.Option(None, help="dylora: sqrt (default) | linear (component j's learning rate x its share of the examples^(1/2 or 1)) | constant (one learning rate)."),
+    min_rank_weight: Optional[int] = typer.Option(None, help="dylora: how many times the lowest rank's bucket counts in the draw (default 1)."),
     num_layers: Optional[int] = typer.Option(None, help="Layers to train, from the top; -1 = all. Default: the layers the plan changed."),
     batch_size: Optional[int] = typer.Option(None),
     iters: Optional[int] = typer.Option(None),
@@ -57,7 +58,7 @@ def finetune(
         given.pop("resume")
     # Rank flags refine lora_parameters (the config file's, else the default's), as mlx-lm's keys.
     flags = {"lora_rank": "rank", "min_rank": "min_rank", "rank_sampling": "rank_sampling", "rank_scaling": "rank_scaling",
-             "rank_draw": "rank_draw", "rank_lr": "rank_lr"}
+             "rank_draw": "rank_draw", "rank_lr": "rank_lr", "min_rank_weight": "min_rank_weight"}
     rank_flags = {key: given.pop(flag) for flag, key in flags.items() if flag in given}
     if rank_flags:
         given["lora_parameters"] = {**FinetuneArgs().lora_parameters, **settings.get("lora_parameters", {}), **rank_flags}

@@ -111,6 +111,14 @@ def test_per_example_draws_cover_the_range_and_are_reproducible():
         RankRange.from_parameters({"rank": 4, "rank_draw": "batch"})
 
 
+def test_min_rank_weight_draws_the_lowest_bucket_that_many_times_as_often():
+    heavy = RankRange.from_parameters({"rank": 16, "min_rank_weight": 2, "rank_draw": "example"})
+    assert heavy.buckets() == [[1], [1], [2, 3], [4, 5, 6, 7], list(range(8, 16)), [16]]
+    draws = [r for step in range(1, 2001) for r in heavy.sample_examples(0, step, 0, 6)]
+    assert draws.count(1) == 2 * 2000 and draws.count(16) == 2000  # a batch of 6 takes each bucket once
+    assert heavy.component_shares()[1] == pytest.approx(4 / 6)  # rank 1 drawn 2 times in 6: component 2 trained 4 in 6
+
+
 def test_rank_ranges_their_draws_and_bad_ranges():
     assert RankRange.from_parameters({"rank": 16}).choices() == list(range(1, 17))
     powers = RankRange.from_parameters({"rank": 12, "min_rank": 2, "rank_sampling": "powers"})
@@ -122,13 +130,15 @@ def test_rank_ranges_their_draws_and_bad_ranges():
                               ({"rank": 4, "min_rank": 1.5}, "min_rank must be"),
                               ({"rank": 4, "rank_sampling": "normal"}, "unknown rank_sampling"),
                               ({"rank": 4, "rank_scaling": "sqrt"}, "unknown rank_scaling"),
-                              ({"rank": 4, "rank_lr": "inverse"}, "unknown rank_lr")):
+                              ({"rank": 4, "rank_lr": "inverse"}, "unknown rank_lr"),
+                              ({"rank": 4, "min_rank_weight": 0}, "min_rank_weight must be")):
         with pytest.raises(EchoError, match=words):
             RankRange.from_parameters(parameters)
 
 
 def test_component_shares_are_the_draws_frequencies_and_set_the_learning_rates():
-    for parameters in ({"rank": 16}, {"rank": 12, "min_rank": 2, "rank_sampling": "powers"}, {"rank": 5, "rank_sampling": "uniform"}):
+    for parameters in ({"rank": 16}, {"rank": 12, "min_rank": 2, "rank_sampling": "powers"}, {"rank": 5, "rank_sampling": "uniform"},
+                       {"rank": 16, "min_rank_weight": 3}):
         ranks = RankRange.from_parameters(parameters)
         draws = np.array([ranks.sample(7, step) for step in range(1, 20001)])
         seen = [(draws >= j).mean() for j in range(1, ranks.max_rank + 1)]
@@ -248,10 +258,11 @@ def test_finetune_flags_set_the_rank_range_and_an_empty_range_is_one_line(six_la
     base = ("finetune", "--model", six_layer_source, "--plan", "cla:2", "--fine-tune-type", "dylora", "--iters", "2",
             "--batch-size", "2", "--max-seq-length", "64")
     assert cli(*base, "--lora-rank", "6", "--min-rank", "2", "--rank-sampling", "powers", "--rank-scaling", "inverse",
-               "--rank-draw", "example", "--rank-lr", "linear", "--adapter-path", str(tmp_path / "run")) == 0
+               "--rank-draw", "example", "--rank-lr", "linear", "--min-rank-weight", "2",
+               "--adapter-path", str(tmp_path / "run")) == 0
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["lora_parameters"]
     assert (saved["rank"], saved["min_rank"], saved["rank_sampling"], saved["rank_scaling"], saved["rank_draw"],
-            saved["rank_lr"]) == (6, 2, "powers", "inverse", "example", "linear")
+            saved["rank_lr"], saved["min_rank_weight"]) == (6, 2, "powers", "inverse", "example", "linear", 2)
     model, _ = load(six_layer_source, plan="cla:2", adapter_path=str(tmp_path / "run"), lora_rank=2)
     assert {(m.active_rank, m.rank_scaling) for m in dynamic_layers(model)} == {(2, "inverse")}
     capsys.readouterr()

@@ -61,7 +61,8 @@ def adapter_config(fine_tune_type: str, trainable_from: int, lora_parameters: di
     if fine_tune_type == "dylora":  # the config names the whole rank range, defaults included
         ranks = RankRange.from_parameters(lora_parameters)
         lora_parameters = dict(lora_parameters, min_rank=ranks.min_rank, rank_sampling=ranks.sampling,
-                               rank_scaling=ranks.scaling, rank_draw=ranks.draw, rank_lr=ranks.lr)
+                               rank_scaling=ranks.scaling, rank_draw=ranks.draw, rank_lr=ranks.lr,
+                               min_rank_weight=ranks.min_rank_weight)
     return {
         "fine_tune_type": fine_tune_type,
         "num_layers": None,  # filled by save(): counted from the top, as mlx-lm counts

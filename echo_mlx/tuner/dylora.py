@@ -31,7 +31,11 @@ them at rank R.
 or ``powers`` (min_rank, 2 min_rank, 4 min_rank, ..., and rank) or ``log``
 (each octave min_rank·2^k .. min_rank·2^(k+1) - 1 as likely, then a rank in it,
 and rank itself: every rank drawn, the low ones as often as with powers),
-``rank_scaling``, ``rank_draw`` (``step`` or ``example``) and ``rank_lr``.
+``rank_scaling``, ``rank_draw`` (``step`` or ``example``), ``rank_lr`` and
+``min_rank_weight`` (how many times the lowest bucket, min_rank or its octave,
+counts in the draw; default 1): the lowest rank has the fewest components to
+serve on its own, and its component is otherwise trained mostly as a part of
+larger adapters.
 
 ``rank_lr`` ``sqrt`` (the default) or ``linear`` gives component j a learning
 rate times (its share of the examples)^(1/2 or 1), the share being the
@@ -128,6 +132,7 @@ class RankRange:
     scaling: str = "constant"
     draw: str = "example"
     lr: str = "sqrt"
+    min_rank_weight: int = 1
 
     @classmethod
     def from_parameters(cls, lora_parameters: dict) -> "RankRange":
@@ -137,7 +142,8 @@ class RankRange:
         scaling = lora_parameters.get("rank_scaling", cls.scaling)
         draw = lora_parameters.get("rank_draw", cls.draw)
         lr = lora_parameters.get("rank_lr", cls.lr)
-        for name, value in (("rank", max_rank), ("min_rank", min_rank)):
+        weight = lora_parameters.get("min_rank_weight", cls.min_rank_weight)
+        for name, value in (("rank", max_rank), ("min_rank", min_rank), ("min_rank_weight", weight)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EchoError(f"lora_parameters {name} must be a whole number >= 1, not {value!r}")
         if min_rank > max_rank:
@@ -150,20 +156,23 @@ class RankRange:
             raise EchoError(f"unknown rank_draw {draw!r}: use one of {', '.join(DRAWS)}")
         if lr not in COMPONENT_LRS:
             raise EchoError(f"unknown rank_lr {lr!r}: use one of {', '.join(COMPONENT_LRS)}")
-        return cls(min_rank, max_rank, sampling, scaling, draw, lr)
+        return cls(min_rank, max_rank, sampling, scaling, draw, lr, weight)
 
     def buckets(self) -> List[List[int]]:
-        """The draw: a bucket, all equally likely, then a rank within it."""
+        """The draw: a bucket, all equally likely, then a rank within it; the
+        lowest bucket is listed ``min_rank_weight`` times."""
         if self.sampling == "uniform":
-            return [[r] for r in range(self.min_rank, self.max_rank + 1)]
-        powers, r = [], self.min_rank
-        while r < self.max_rank:
-            powers.append(r)
-            r *= 2
-        if self.sampling == "powers":
-            return [[r] for r in powers + [self.max_rank]]
-        # log: every octave [b, 2b) as likely, and the full rank: all ranks drawn, the low ones often.
-        return [list(range(b, min(2 * b, self.max_rank))) for b in powers] + [[self.max_rank]]
+            buckets = [[r] for r in range(self.min_rank, self.max_rank + 1)]
+        else:
+            powers, r = [], self.min_rank
+            while r < self.max_rank:
+                powers.append(r)
+                r *= 2
+            if self.sampling == "powers":
+                buckets = [[r] for r in powers + [self.max_rank]]
+            else:  # log: every octave [b, 2b) as likely, and the full rank: all ranks drawn, the low ones often.
+                buckets = [list(range(b, min(2 * b, self.max_rank))) for b in powers] + [[self.max_rank]]
+        return [buckets[0]] * (self.min_rank_weight - 1) + buckets
 
     def choices(self) -> List[int]:
         return [r for bucket in self.buckets() for r in bucket]
