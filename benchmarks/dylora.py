@@ -10,7 +10,7 @@ steps of 4 x 256 tokens of the built-in data, LoRA scale 20 on the layers the
 plan changed, lr ``--learning-rate``, the best step by validation loss):
 
 - one ``--fine-tune-type dylora`` run per ``--variants`` entry
-  (``rank_sampling/rank_scaling[/rank_draw[/rank_lr[/min_rank_weight]]]``), ranks min(--ranks)..max(--ranks): ``uniform``
+  (``rank_sampling/rank_scaling[/rank_draw[/rank_lr[/min_rank_weight]]]``, seeded by ``--seed``), ranks min(--ranks)..max(--ranks): ``uniform``
   draws every rank in the range, ``powers`` only min, 2 min, ..., max;
   ``inverse`` scales rank b by R / b (DyLoRA's alpha / b), ``constant`` does not;
   ``example`` draws a rank per example (every step trains several), the default
@@ -75,6 +75,8 @@ parser.add_argument("--out", default="runs/dylora")
 parser.add_argument("--png", default="benchmarks/dylora.png")
 parser.add_argument("--quantized-iters", type=int, default=8)
 parser.add_argument("--skip-quantized", action="store_true", help="with --reuse: keep the earlier run's part 2")
+parser.add_argument("--seed", type=int, default=0, help="the dylora runs' seed (rank draws, data order, init); "
+                    "another seed is a new variant, e.g. 'log/constant/example seed 1', beside the fixed-rank runs' seed 0")
 parser.add_argument("--reuse", default=None, help="an earlier run's dylora.json: its fixed-rank rows and variants")
 SCALE = 20.0
 
@@ -136,15 +138,17 @@ def plot(rows, variants, naive, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ranks = [r["rank"] for r in rows]
     ax.plot(ranks, [r["fixed"] for r in rows], "o-", label="fixed-rank LoRA (one run per rank)")
-    for variant, marker in zip(variants, "s^vD<>ph"):
-        ax.plot(ranks, [r[variant] for r in rows], marker + "--", label=f"dylora {variant} (one run, rank chosen after)")
+    markers = "s^vD<>ph*XdP8H"
+    for i, variant in enumerate(variants):
+        marker = markers[i % len(markers)]
+        ax.plot(ranks, [r[variant] for r in rows], marker + "--", label=f"dylora {variant}")
     ax.axhline(naive, color="0.6", lw=1, label=f"naive start {naive:.1f}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("adapter rank")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("one dynamic-rank run vs a run per rank (same budget per run)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("one dynamic-rank run (rank chosen after) vs a run per rank, same budget per run", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path)
 
 
@@ -193,14 +197,16 @@ def main():
     dylora, earlier_minutes = {}, dict(earlier["dylora_cpu_min"]) if earlier else {}
     validation = dict(earlier.get("validation", {})) if earlier else {}
     _, valid = builtin_examples(tokenizer, 256, "builtin")  # finetune's validation examples at this window
-    for variant in args.variants:
+    for spec in args.variants:
+        variant = spec + (f" seed {args.seed}" if args.seed else "")
         if variant in earlier_minutes:
             continue
-        sampling, scaling, draw, lr, weight = (variant.split("/") + [None, None, None])[:5]
+        sampling, scaling, draw, lr, weight = (spec.split("/") + [None, None, None])[:5]
         draw, lr, weight = draw or "step", lr or "constant", int(weight or 1)
-        dylora[variant] = run(args, "dylora-" + variant.replace("/", "-"), "dylora", {
+        seeded = {"seed": args.seed} if args.seed else {}  # seed 0 runs keep their earlier settings, so are reused
+        dylora[variant] = run(args, "dylora-" + variant.replace("/", "-").replace(" ", "-"), "dylora", {
             "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
-            "rank_lr": lr, "min_rank_weight": weight, "scale": SCALE, "dropout": 0.0})
+            "rank_lr": lr, "min_rank_weight": weight, "scale": SCALE, "dropout": 0.0}, **seeded)
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
         validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)

@@ -81,12 +81,11 @@ def test_no_adaptation_data_is_legal_text_so_the_licences_stay_another_domain():
 
 
 def test_validation_licences_hold_no_span_of_the_heldout_licences(tokenizer):
-    from echo_mlx.analysis.evaluate import (OTHER_DOMAIN, OTHER_DOMAIN_VALIDATION, other_domain_validation_windows,
+    from echo_mlx.analysis.evaluate import (OTHER_DOMAIN_VALIDATION, licence_tokens, other_domain_validation_windows,
                                             other_domain_windows)
 
-    encode = lambda path: tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
-    held = corpus.spans([encode(OTHER_DOMAIN)])
-    assert corpus.spans([encode(OTHER_DOMAIN_VALIDATION)]) & held  # GPL-2 shares GPL-3's phrases: the cut is needed
+    held = corpus.spans([licence_tokens(tokenizer)])
+    assert corpus.spans([licence_tokens(tokenizer, OTHER_DOMAIN_VALIDATION)]) & held  # GPL-2 shares GPL-3's phrases: the cut is needed
     windows = other_domain_validation_windows(tokenizer)
     assert len(windows) == 16 and all(len(w) == 513 for w in windows)
     assert len({tuple(w) for w in windows}) == 16

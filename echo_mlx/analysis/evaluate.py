@@ -49,8 +49,13 @@ OTHER_DOMAIN = EVALDATA / "licenses.txt"
 OTHER_DOMAIN_VALIDATION = EVALDATA / "licenses-validation.txt"
 
 
+def licence_tokens(tokenizer, path: Path = OTHER_DOMAIN) -> list:
+    """A licence file's text as token ids, with no special tokens (the windows cut it themselves)."""
+    return tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+
+
 def other_domain_windows(tokenizer, count: int = 16, length: int = 513):
-    tokens = tokenizer.encode(OTHER_DOMAIN.read_text(encoding="utf-8"), add_special_tokens=False)
+    tokens = licence_tokens(tokenizer)
     stride = (len(tokens) - length) // (count - 1)
     return [tokens[i * stride : i * stride + length] for i in range(count)]
 
@@ -58,8 +63,8 @@ def other_domain_windows(tokenizer, count: int = 16, length: int = 513):
 def other_domain_validation_windows(tokenizer, count: int = 16, length: int = 513):
     """``count`` windows of the validation licences, spread evenly; none holds a
     32-token span of the held-out licences (cut out, no window straddles a cut)."""
-    encode = lambda path: tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
-    segments = without_spans(encode(OTHER_DOMAIN_VALIDATION), spans([encode(OTHER_DOMAIN)]))
+    heldout = spans([licence_tokens(tokenizer)])
+    segments = without_spans(licence_tokens(tokenizer, OTHER_DOMAIN_VALIDATION), heldout)
     candidates = windows(segments, length)
     step = len(candidates) / count
     return [candidates[int(i * step)] for i in range(count)]
