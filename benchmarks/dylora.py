@@ -1,7 +1,7 @@
 """Dynamic-rank adapters: one dylora run against fixed-rank LoRA runs, and a finetune step on a 4-bit base.
 
     python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--variants uniform/inverse powers/constant/example ...]
-        [--plan PLAN] [--out runs/dylora] [--skip-quantized] [--reuse benchmarks/dylora.json]
+        [--plan PLAN] [--out runs/dylora] [--skip-quantized] [--reuse benchmarks/dylora.json] [--seed N]
 
 Part 1 (float32 base, for speed on a CPU). The default model converted naively
 (``--kv-init own``) to ``--plan`` (default: the shipped model's plan), so the
@@ -20,7 +20,7 @@ plan changed, lr ``--learning-rate``, the best step by validation loss):
 ``--reuse JSON`` takes the fixed-rank rows and the variants already measured from
 an earlier run of this benchmark with the same plan, ranks, steps and learning rate
 (every run is seeded: retraining reproduces them), and trains only the new
-variants; the table marks what came from that run, and its CPU minutes are that
+variants (``--seed`` other than that run's: the fixed-rank runs too, at this seed); the table marks what came from that run, and its CPU minutes are that
 run's.
 
 Every run trains on the same batches, so the teacher's top-k outputs are kept in
@@ -75,8 +75,8 @@ parser.add_argument("--out", default="runs/dylora")
 parser.add_argument("--png", default="benchmarks/dylora.png")
 parser.add_argument("--quantized-iters", type=int, default=8)
 parser.add_argument("--skip-quantized", action="store_true", help="with --reuse: keep the earlier run's part 2")
-parser.add_argument("--seed", type=int, default=0, help="the dylora runs' seed (rank draws, data order, init); "
-                    "another seed is a new variant, e.g. 'log/constant/example seed 1', beside the fixed-rank runs' seed 0")
+parser.add_argument("--seed", type=int, default=0, help="every run's seed (rank draws, data order, init); with "
+                    "--reuse from another seed, the fixed-rank runs are trained again at this one")
 parser.add_argument("--reuse", default=None, help="an earlier run's dylora.json: its fixed-rank rows and variants")
 SCALE = 20.0
 
@@ -197,36 +197,37 @@ def main():
     dylora, earlier_minutes = {}, dict(earlier["dylora_cpu_min"]) if earlier else {}
     validation = dict(earlier.get("validation", {})) if earlier else {}
     _, valid = builtin_examples(tokenizer, 256, "builtin")  # finetune's validation examples at this window
+    seeded = {"seed": args.seed} if args.seed else {}  # seed 0 runs keep their earlier settings, so are reused
     for spec in args.variants:
         variant = spec + (f" seed {args.seed}" if args.seed else "")
         if variant in earlier_minutes:
             continue
         sampling, scaling, draw, lr, weight = (spec.split("/") + [None, None, None])[:5]
         draw, lr, weight = draw or "step", lr or "constant", int(weight or 1)
-        seeded = {"seed": args.seed} if args.seed else {}  # seed 0 runs keep their earlier settings, so are reused
         dylora[variant] = run(args, "dylora-" + variant.replace("/", "-").replace(" ", "-"), "dylora", {
             "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
             "rank_lr": lr, "min_rank_weight": weight, "scale": SCALE, "dropout": 0.0}, **seeded)
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
         validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)
-    rows = []
+    rows, same_seed = [], earlier and earlier["settings"].get("seed", 0) == args.seed
     for rank in sorted(args.ranks):
-        if earlier:
+        if same_seed:
             row = dict(next(r for r in earlier["rows"] if r["rank"] == rank))
         else:
-            fixed_dir, fixed_min = run(args, f"lora-r{rank}", "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0})
+            name = f"lora-r{rank}" + (f"-seed{args.seed}" if args.seed else "")
+            fixed_dir, fixed_min = run(args, name, "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0}, **seeded)
             row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows), "fixed_cpu_min": fixed_min}
         for variant, (path, _) in dylora.items():
             row[variant] = ranked_perplexity(args, path, rank, windows)
         rows.append(row)
-        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({row['fixed_cpu_min']:.1f} CPU min{', earlier run' if earlier else ''}), "
+        print(f"rank {rank:>3}: fixed {row['fixed']:.2f} ({row['fixed_cpu_min']:.1f} CPU min{', earlier run' if same_seed else ''}), "
               + ", ".join(f"dylora {s} {row[s]:.2f} ({row[s] / row['fixed']:.3f})" for s in dylora), flush=True)
 
     minutes = {**earlier_minutes, **{s: m for s, (_, m) in dylora.items()}}
     variants = [v for v in minutes if v in rows[0]]
     mark = lambda s: " (earlier run)" if s in earlier_minutes else ""
-    print("\n| rank | fixed-rank LoRA (a run per rank)" + (" (earlier run)" if earlier else "") + " | "
+    print("\n| rank | fixed-rank LoRA (a run per rank)" + (" (earlier run)" if same_seed else "") + " | "
           + " | ".join(f"dylora {s}{mark(s)} | / fixed" for s in variants) + " |")
     print("|---|---|" + "---|---|" * len(variants))
     for r in rows:
