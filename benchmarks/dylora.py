@@ -10,8 +10,8 @@ steps of 4 x 256 tokens of the built-in data, LoRA scale 20 on the layers the
 plan changed, lr ``--learning-rate``, the best step by validation loss):
 
 - one ``--fine-tune-type dylora`` run per ``--variants`` entry
-  (``rank_sampling/rank_scaling[/rank_draw[/rank_lr[/min_rank_weight]]]``, seeded by ``--seed``), ranks min(--ranks)..max(--ranks): ``uniform``
-  draws every rank in the range, ``powers`` only min, 2 min, ..., max;
+  (``rank_sampling/rank_scaling[/rank_draw[/rank_lr[/min_rank_weight]]]``),
+  ranks min(--ranks)..max(--ranks): ``uniform`` draws every rank in the range, ``powers`` only min, 2 min, ..., max;
   ``inverse`` scales rank b by R / b (DyLoRA's alpha / b), ``constant`` does not;
   ``example`` draws a rank per example (every step trains several), the default
   ``step`` one rank per step;
@@ -20,8 +20,10 @@ plan changed, lr ``--learning-rate``, the best step by validation loss):
 ``--reuse JSON`` takes the fixed-rank rows and the variants already measured from
 an earlier run of this benchmark with the same plan, ranks, steps and learning rate
 (every run is seeded: retraining reproduces them), and trains only the new
-variants (``--seed`` other than that run's: the fixed-rank runs too, at this seed); the table marks what came from that run, and its CPU minutes are that
-run's.
+variants; the table marks what came from that run, and its CPU minutes are that
+run's. ``--seed N`` seeds every run (rank draws, data order, initialisation);
+a variant at a seed other than 0 is named with it (``log/constant/example seed
+1``), and with ``--reuse`` from another seed the fixed-rank runs train again.
 
 Every run trains on the same batches, so the teacher's top-k outputs are kept in
 a shared teacher cache: the first run (dylora) computes them, the others read
@@ -210,7 +212,7 @@ def main():
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
         validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)
-    rows, same_seed = [], earlier and earlier["settings"].get("seed", 0) == args.seed
+    rows, same_seed = [], earlier is not None and earlier["settings"].get("seed", 0) == args.seed
     for rank in sorted(args.ranks):
         if same_seed:
             row = dict(next(r for r in earlier["rows"] if r["rank"] == rank))
