@@ -83,6 +83,15 @@ parser.add_argument("--reuse", default=None, help="an earlier run's dylora.json:
 SCALE = 20.0
 
 
+def seeded(label: str, seed: int) -> str:
+    """A variant's or run's label at its seed; seed 0 keeps the plain label, so its earlier runs are reused."""
+    return f"{label} seed {seed}" if seed else label
+
+
+def directory_name(label: str) -> str:
+    return label.replace("/", "-").replace(" ", "-")
+
+
 def run(args, name: str, fine_tune_type: str, lora_parameters: dict, **overrides):
     """One finetune run; (its directory, CPU minutes). A finished run with the same settings is reused."""
     settings = dict(
@@ -199,16 +208,16 @@ def main():
     dylora, earlier_minutes = {}, dict(earlier["dylora_cpu_min"]) if earlier else {}
     validation = dict(earlier.get("validation", {})) if earlier else {}
     _, valid = builtin_examples(tokenizer, 256, "builtin")  # finetune's validation examples at this window
-    seeded = {"seed": args.seed} if args.seed else {}  # seed 0 runs keep their earlier settings, so are reused
+    seed_setting = {"seed": args.seed} if args.seed else {}  # seed 0 runs keep their earlier settings, so are reused
     for spec in args.variants:
-        variant = spec + (f" seed {args.seed}" if args.seed else "")
+        variant = seeded(spec, args.seed)
         if variant in earlier_minutes:
             continue
         sampling, scaling, draw, lr, weight = (spec.split("/") + [None, None, None])[:5]
         draw, lr, weight = draw or "step", lr or "constant", int(weight or 1)
-        dylora[variant] = run(args, "dylora-" + variant.replace("/", "-").replace(" ", "-"), "dylora", {
+        dylora[variant] = run(args, directory_name("dylora " + variant), "dylora", {
             "rank": high, "min_rank": low, "rank_sampling": sampling, "rank_scaling": scaling, "rank_draw": draw,
-            "rank_lr": lr, "min_rank_weight": weight, "scale": SCALE, "dropout": 0.0}, **seeded)
+            "rank_lr": lr, "min_rank_weight": weight, "scale": SCALE, "dropout": 0.0}, **seed_setting)
         print(f"dylora run ({variant}): {dylora[variant][1]:.1f} CPU min", flush=True)
         validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)
@@ -217,8 +226,8 @@ def main():
         if same_seed:
             row = dict(next(r for r in earlier["rows"] if r["rank"] == rank))
         else:
-            name = f"lora-r{rank}" + (f"-seed{args.seed}" if args.seed else "")
-            fixed_dir, fixed_min = run(args, name, "lora", {"rank": rank, "scale": SCALE, "dropout": 0.0}, **seeded)
+            fixed_dir, fixed_min = run(args, directory_name(seeded(f"lora-r{rank}", args.seed)), "lora",
+                                       {"rank": rank, "scale": SCALE, "dropout": 0.0}, **seed_setting)
             row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows), "fixed_cpu_min": fixed_min}
         for variant, (path, _) in dylora.items():
             row[variant] = ranked_perplexity(args, path, rank, windows)

@@ -59,6 +59,13 @@ def prepare(args):
           f"{sum(v.nbytes for v in fitted.values()) / 2**20:.1f} MiB; {(time.perf_counter() - tic) / 60:.1f} min")
 
 
+def figures(model, tokenizer, split, corpus_windows, licence_windows):
+    """What a candidate is judged on, on one split ("valid" or "heldout"): corpus and licence perplexity, and the
+    chat answers' and the general set's scores (dicts, as chat.answer_scores and general.scores return them)."""
+    return {"corpus": perplexity(model, corpus_windows), "licences": perplexity(model, licence_windows),
+            "chat": chat.answer_scores(model, tokenizer, split), "general": general.scores(model, tokenizer, split)}
+
+
 def card(args):
     run, out = Path(args.run), Path(args.out)
     base_dir, adapter_dir = run / "base", run / "adapters"
@@ -69,9 +76,7 @@ def card(args):
     original, tokenizer = load("default", plan="none")
     windows = heldout_windows(builtin_tokens(tokenizer))
     other = other_domain_windows(tokenizer)
-    original_ppl, original_other = perplexity(original, windows), perplexity(original, other)
-    original_chat = chat.answer_scores(original, tokenizer, "heldout")
-    original_general = general.scores(original, tokenizer, "heldout")
+    reference = figures(original, tokenizer, "heldout", windows, other)
     del original
     naive, _ = load("default", plan=args.plan_name, kv_init="own")
     plan = SharingPlan.parse(args.plan_name, len(naive.layers))
@@ -87,13 +92,11 @@ def card(args):
     model, _ = shipped.base("default", args.plan_name, out / shipped.FIT)
     fitted_ppl = perplexity(model, windows)
     adapters.apply(model, out, "default")
-    adapted_ppl, adapted_other = perplexity(model, windows), perplexity(model, other)
-    adapted_chat = chat.answer_scores(model, tokenizer, "heldout")
-    adapted_general = general.scores(model, tokenizer, "heldout")
-    print(f"original {original_ppl:.3f}, naive {naive_ppl:,.1f}, fitted {fitted_ppl:.2f}, adapted {adapted_ppl:.3f}; "
-          f"chat ratio {adapted_chat['ppl'] / original_chat['ppl']:.3f}, top-1 {adapted_chat['top1']:.1%}; "
-          f"other domain {adapted_other:.3f} vs {original_other:.3f}; general held-out samples "
-          f"{adapted_general['ppl']:.3f} vs {original_general['ppl']:.3f}")
+    adapted = figures(model, tokenizer, "heldout", windows, other)
+    print(f"original {reference['corpus']:.3f}, naive {naive_ppl:,.1f}, fitted {fitted_ppl:.2f}, "
+          f"adapted {adapted['corpus']:.3f}; chat ratio {adapted['chat']['ppl'] / reference['chat']['ppl']:.3f}, "
+          f"top-1 {adapted['chat']['top1']:.1%}; other domain {adapted['licences']:.3f} vs {reference['licences']:.3f}; "
+          f"general held-out samples {adapted['general']['ppl']:.3f} vs {reference['general']['ppl']:.3f}")
 
     command = args.command
     if args.config:
@@ -126,14 +129,14 @@ def card(args):
         "protocol": "echo_mlx.analysis.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
         "command": f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']} --out {base_dir}\n{command}",
         "results": {
-            "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": original_ppl, "naive_ppl": naive_ppl,
-            "fitted_ppl": fitted_ppl, "adapted_ppl": adapted_ppl,
-            "chat_answers": adapted_chat["answers"], "chat_tokens": adapted_chat["tokens"],
-            "chat_ppl_ratio": adapted_chat["ppl"] / original_chat["ppl"], "chat_top1": adapted_chat["top1"],
-            "original_chat_top1": original_chat["top1"],
-            "other_domain_ppl": adapted_other, "original_other_domain_ppl": original_other,
-            "general_samples": adapted_general["samples"], "general_ppl": adapted_general["ppl"],
-            "original_general_ppl": original_general["ppl"],
+            "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": reference["corpus"],
+            "naive_ppl": naive_ppl, "fitted_ppl": fitted_ppl, "adapted_ppl": adapted["corpus"],
+            "chat_answers": adapted["chat"]["answers"], "chat_tokens": adapted["chat"]["tokens"],
+            "chat_ppl_ratio": adapted["chat"]["ppl"] / reference["chat"]["ppl"], "chat_top1": adapted["chat"]["top1"],
+            "original_chat_top1": reference["chat"]["top1"],
+            "other_domain_ppl": adapted["licences"], "original_other_domain_ppl": reference["licences"],
+            "general_samples": adapted["general"]["samples"], "general_ppl": adapted["general"]["ppl"],
+            "original_general_ppl": reference["general"]["ppl"],
         },
     }
     card = shipped.write_card(out, card)
@@ -143,22 +146,18 @@ def card(args):
 def validate(args):
     original, tokenizer = load("default", plan="none")
     corpus_windows, licence_windows = validation_windows(tokenizer), other_domain_validation_windows(tokenizer)
-
-    def figures(model):
-        c, g = chat.answer_scores(model, tokenizer, "valid"), general.scores(model, tokenizer, "valid")
-        return {"corpus": perplexity(model, corpus_windows), "chat": c["ppl"], "chat_top1": c["top1"],
-                "general": g["ppl"], "licences": perplexity(model, licence_windows)}
-
-    reference = figures(original)
+    reference = figures(original, tokenizer, "valid", corpus_windows, licence_windows)
     del original
     print(f"{'model':<32} {'corpus ppl':>10} {'chat ratio':>10} {'chat top-1':>10} {'general':>8} {'licences':>8}")
 
     def show(name, model):
-        f = figures(model)
-        print(f"{name:<32} {f['corpus']:>10.2f} {f['chat'] / reference['chat']:>10.3f} {f['chat_top1']:>10.1%} "
-              f"{f['general'] / reference['general']:>8.3f} {f['licences'] / reference['licences']:>8.3f}", flush=True)
+        f = figures(model, tokenizer, "valid", corpus_windows, licence_windows)
+        print(f"{name:<32} {f['corpus']:>10.2f} {f['chat']['ppl'] / reference['chat']['ppl']:>10.3f} "
+              f"{f['chat']['top1']:>10.1%} {f['general']['ppl'] / reference['general']['ppl']:>8.3f} "
+              f"{f['licences'] / reference['licences']:>8.3f}", flush=True)
 
-    print(f"{'original':<32} {reference['corpus']:>10.2f} {1:>10.3f} {reference['chat_top1']:>10.1%} {1:>8.3f} {1:>8.3f}")
+    print(f"{'original':<32} {reference['corpus']:>10.2f} {1:>10.3f} {reference['chat']['top1']:>10.1%} "
+          f"{1:>8.3f} {1:>8.3f}")
     if not args.skip_shipped:
         show("shipped", shipped.load()[0])
     for run in map(Path, args.runs):
