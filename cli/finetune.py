@@ -47,6 +47,7 @@ def finetune(
     teacher_top_k: Optional[int] = typer.Option(None, help="With --teacher-cache: the teacher's likeliest tokens kept per position (default 64)."),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(False, help="Continue the run in --adapter-path from its last checkpoint."),
+    calibrate_scale: Optional[bool] = typer.Option(None, "--calibrate-scale", help="After training: per rank, a factor on the LoRA scale chosen on the validation batches (recorded in adapter_config.json)."),
     config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML file with any of these settings (mlx-lm's lora config keys)."),
 ):
     """Adapt a converted model (LoRA/DoRA/full, distillation, progressive schedule)."""

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from ..errors import EchoError
 from ..models.plans import plan_id
 from .dylora import RankRange, set_rank, to_dynamic
+from .rank_scales import factor, set_scale
 
 FINE_TUNE_TYPES = ("lora", "dora", "dylora", "full")
 CONFIG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
@@ -144,6 +145,8 @@ def apply(model: nn.Module, path, model_name: str = "the model", *, lora_rank=No
     if ranks is not None:
         to_dynamic(model, ranks.scaling)
         set_rank(model, lora_rank)
+        if "rank_scales" in config["lora_parameters"]:  # calibrated: echo_mlx.tuner.rank_scales
+            set_scale(model, config["lora_parameters"]["scale"] * factor(config, lora_rank))
     model.eval()
     return model
 

@@ -86,10 +86,12 @@ class FinetuneArgs:
     adapter_path: str = "adapters"
     seed: int = 0
     resume: bool = False
+    # After the last step: a factor on the LoRA scale per rank, chosen on the validation batches (rank_scales).
+    calibrate_scale: bool = False
 
 
 # Settings a resumed run may change: they do not alter the training trajectory.
-RESUMABLE_CHANGES = ("resume", "steps_per_report", "save_every")
+RESUMABLE_CHANGES = ("resume", "steps_per_report", "save_every", "calibrate_scale")
 
 
 # ---- models -----------------------------------------------------------------
@@ -286,6 +288,8 @@ def _check_args(args: FinetuneArgs):
         raise EchoError(f"unknown --fine-tune-type {args.fine_tune_type!r}: use one of {', '.join(adapters.FINE_TUNE_TYPES)}")
     if args.fine_tune_type == "dylora":
         RankRange.from_parameters(args.lora_parameters)
+    if args.calibrate_scale and args.fine_tune_type == "full":
+        raise EchoError("--calibrate-scale calibrates a LoRA scale: use it with --fine-tune-type lora, dora or dylora")
 
 
 @dataclass
@@ -489,6 +493,14 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
         bar.close()
         if cache is not None:
             cache.flush()
+    if args.calibrate_scale and main and valid and student is not None and step == args.iters:
+        from .rank_scales import calibrate
+
+        # The best validation step's adapters, as saved; scored on this process alone (no all_sum).
+        adapters.load_matching(student, mx.load(str(run_dir / adapters.WEIGHTS)))
+        student.eval()
+        calibrate(run_dir, student, lambda m: evaluate(m, ce_loss, valid, args, 0, 1),
+                  progress=print if progress else (lambda line: None))
     if main and step == args.iters:
         from .plot import plot_run
 
