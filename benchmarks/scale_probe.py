@@ -21,10 +21,11 @@ PLAN = "0_1_2_3_2_5_3_5_8_9_10_11_12_13_14_15_16_17_18_19_20_21_22_23_24_22_26_2
 settings, loss, valid = FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8), make_loss(None, 0.0, 1.0), None
 for spec in sys.argv[1:]:
     path, rank, factors = spec.split(":")
-    dynamic = adapters.rank_range(adapters.read_config(path)) is not None
+    config = adapters.read_config(path)
+    dynamic = adapters.rank_range(config) is not None
     model, tokenizer = load("default", plan=PLAN, adapter_path=path, lora_rank=int(rank) if dynamic else None)
     valid = valid or builtin_examples(tokenizer, 256, "builtin")[1]
-    trained = adapters.read_config(path)["lora_parameters"].get("trained_scale") or rank_scales.lora_layers(model)[0].scale
+    trained = config["lora_parameters"].get("trained_scale", config["lora_parameters"]["scale"])
     for m in map(float, factors.split(",")):
         rank_scales.set_scale(model, trained * m)
         print(f"{path} rank {rank} x{m}: {evaluate(model, loss, valid, settings, 0, 1):.4f}", flush=True)

@@ -81,9 +81,14 @@ def save(path, model: nn.Module, config: dict) -> None:
     tmp = path / f".{WEIGHTS}.tmp.safetensors"
     mx.save_safetensors(str(tmp), trainable_weights(model))
     os.replace(tmp, path / WEIGHTS)
-    tmp = path / f".{CONFIG}.tmp"
+    write_config(path, config)
+
+
+def write_config(path, config: dict) -> None:
+    """Write the adapters' config in ``path`` atomically."""
+    tmp = Path(path) / f".{CONFIG}.tmp"
     tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path / CONFIG)
+    os.replace(tmp, Path(path) / CONFIG)
 
 
 def read_config(path) -> dict:

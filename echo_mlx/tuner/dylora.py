@@ -164,15 +164,20 @@ class RankRange:
         if self.sampling == "uniform":
             buckets = [[r] for r in range(self.min_rank, self.max_rank + 1)]
         else:
-            powers, r = [], self.min_rank
-            while r < self.max_rank:
-                powers.append(r)
-                r *= 2
+            powers = self.powers()
             if self.sampling == "powers":
                 buckets = [[r] for r in powers + [self.max_rank]]
             else:  # log: every octave [b, 2b) as likely, and the full rank: all ranks drawn, the low ones often.
                 buckets = [list(range(b, min(2 * b, self.max_rank))) for b in powers] + [[self.max_rank]]
         return [buckets[0]] * (self.min_rank_weight - 1) + buckets
+
+    def powers(self) -> List[int]:
+        """min_rank, 2 min_rank, 4 min_rank, ... below max_rank."""
+        powers, r = [], self.min_rank
+        while r < self.max_rank:
+            powers.append(r)
+            r *= 2
+        return powers
 
     def choices(self) -> List[int]:
         return [r for bucket in self.buckets() for r in bucket]

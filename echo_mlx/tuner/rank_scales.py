@@ -15,8 +15,6 @@ rank); a rank in between takes the factor of the nearest calibrated rank
 below it. ``adapters.apply`` uses it whenever it picks a rank.
 """
 
-import json
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import mlx.nn as nn
@@ -42,11 +40,7 @@ def calibrated_ranks(config: dict) -> List[int]:
     ranks = rank_range(config)
     if ranks is None:
         return [config["lora_parameters"]["rank"]]
-    powers, r = [], ranks.min_rank
-    while r < ranks.max_rank:
-        powers.append(r)
-        r *= 2
-    return powers + [ranks.max_rank]
+    return ranks.powers() + [ranks.max_rank]
 
 
 def factor(config: dict, rank: int) -> float:
@@ -74,11 +68,10 @@ def best_factor(score: Callable[[float], float]) -> tuple:
 def calibrate(run_dir, model: nn.Module, score: Callable[[nn.Module], float], progress=print) -> Dict[int, float]:
     """Calibrate the adapters in ``run_dir``, already applied to ``model`` (echo_mlx.tuner.adapters.apply),
     on ``score`` (validation cross-entropy of the model as it is), and record the factors in their config."""
-    from .adapters import CONFIG
+    from .adapters import read_config, write_config
     from .dylora import dynamic_layers, set_rank
 
-    path = Path(run_dir) / CONFIG
-    config = json.loads(path.read_text())
+    config = read_config(run_dir)
     parameters = config["lora_parameters"]
     scale = parameters.get("trained_scale", parameters["scale"])  # a second calibration starts from training's
     found = {}
@@ -95,7 +88,5 @@ def calibrate(run_dir, model: nn.Module, score: Callable[[nn.Module], float], pr
     top = found[max(found)]
     parameters.update(scale=scale * top, trained_scale=scale,
                       rank_scales={str(r): f / top for r, f in sorted(found.items())})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.replace(path)
+    write_config(run_dir, config)
     return found
