@@ -2,6 +2,7 @@
 
     python benchmarks/dylora.py [--ranks 1 2 4 8 16] [--iters 16] [--variants uniform/inverse powers/constant/example ...]
         [--plan PLAN] [--out runs/dylora] [--skip-quantized] [--reuse benchmarks/dylora.json] [--seed N]
+        [--calibrate-scale] [--results OUT/dylora.json]
 
 Part 1 (float32 base, for speed on a CPU). The default model converted naively
 (``--kv-init own``) to ``--plan`` (default: the shipped model's plan), so the
@@ -31,6 +32,15 @@ them. A finished run (same settings, its ``run.json`` written) is reused, not
 trained again, so an interrupted benchmark continues where it stopped. Held-out perplexity (16 x 512 targets, echo_mlx.analysis.evaluate) of the
 dylora adapter at each rank against that rank's own run; the goal is every rank
 within 5%.
+
+``--calibrate-scale``: each run (the variants' and the fixed-rank ones) is
+copied to ``NAME-calibrated`` and its LoRA scale calibrated per rank on
+finetune's validation batches (``echo_mlx.tuner.rank_scales.calibrate``, what
+``finetune --calibrate-scale`` runs after its last step; built-in training
+half, no held-out text), then a second table: held-out perplexity at the
+calibrated scales, each dylora rank against that rank's run calibrated alike
+and against the better of its run's two figures (the stricter comparison).
+The calibration's CPU minutes are stated per run.
 
 Part 2 (4-bit base): the same plan converted with ``-q`` (4 bits, group 64)
 and in float32; for each, the memory of one training step (dylora, rank
@@ -80,6 +90,9 @@ parser.add_argument("--skip-quantized", action="store_true", help="with --reuse:
 parser.add_argument("--seed", type=int, default=0, help="every run's seed (rank draws, data order, init); with "
                     "--reuse from another seed, the fixed-rank runs are trained again at this one")
 parser.add_argument("--reuse", default=None, help="an earlier run's dylora.json: its fixed-rank rows and variants")
+parser.add_argument("--calibrate-scale", action="store_true",
+                    help="also calibrate every run's scale per rank on validation text (on a copy) and measure it")
+parser.add_argument("--results", default=None, help="where the results go (default OUT/dylora.json)")
 SCALE = 20.0
 
 
@@ -140,6 +153,57 @@ def validation_ce(args, path: Path, ranks, valid) -> dict:
     return result
 
 
+def calibrated_copy(args, path: Path, valid) -> tuple:
+    """(A calibrated copy of the run at ``path``, CPU minutes); a copy already calibrated is reused."""
+    from echo_mlx.tuner import rank_scales
+
+    copy = path.with_name(path.name + "-calibrated")
+    if (copy / adapters.CONFIG).is_file() and "rank_scales" in adapters.read_config(copy)["lora_parameters"]:
+        return copy, json.loads((copy / "calibration.json").read_text())["cpu_min"]
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    for name in (adapters.CONFIG, adapters.WEIGHTS):  # the adapters alone: calibration needs no training state
+        shutil.copy2(path / name, copy / name)
+    cpu = time.process_time()
+    model, _ = load("default", plan=args.plan, adapter_path=str(copy))
+    model.eval()
+    settings, loss = FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8), make_loss(None, 0.0, 1.0)
+    factors = rank_scales.calibrate(copy, model, lambda m: evaluate(m, loss, valid, settings, 0, 1),
+                                    progress=lambda line: print(f"  {copy.name}: {line}", flush=True))
+    minutes = (time.process_time() - cpu) / 60
+    (copy / "calibration.json").write_text(json.dumps({"factors": factors, "cpu_min": minutes}))
+    return copy, minutes
+
+
+def calibrated_table(args, dylora: dict, fixed: dict, trained_rows, windows, valid) -> dict:
+    """Held-out perplexity at calibrated scales: per rank, its fixed run (as trained and calibrated) and each variant."""
+    fixed_cal = {rank: calibrated_copy(args, path, valid) for rank, path in fixed.items()}
+    dylora_cal = {variant: calibrated_copy(args, path, valid) for variant, (path, _) in dylora.items()}
+    rows = []
+    for trained in trained_rows:
+        rank = trained["rank"]
+        row = {"rank": rank, "fixed": trained["fixed"],
+               "fixed calibrated": ranked_perplexity(args, fixed_cal[rank][0], rank, windows)}
+        for variant, (copy, _) in dylora_cal.items():
+            row[variant + " calibrated"] = ranked_perplexity(args, copy, rank, windows)
+        rows.append(row)
+    print("\nCalibrated scales (validation batches of the training half), held-out perplexity; ratios to the rank's own "
+          "run calibrated alike, and to the better of its two figures:")
+    print("| rank | fixed | fixed calibrated | " + " | ".join(f"dylora {v} calibrated | / fixed calibrated | / best fixed"
+                                                          for v in dylora_cal) + " |")
+    print("|---|---|---|" + "---|---|---|" * len(dylora_cal))
+    for r in rows:
+        best = min(r["fixed"], r["fixed calibrated"])
+        print(f"| {r['rank']} | {r['fixed']:.2f} | {r['fixed calibrated']:.2f} | " + " | ".join(
+            f"{r[v + ' calibrated']:.2f} | {r[v + ' calibrated'] / r['fixed calibrated']:.3f} | "
+            f"{r[v + ' calibrated'] / best:.3f}" for v in dylora_cal) + " |")
+    runs = {**{f"lora-r{rank}": c for rank, c in fixed_cal.items()}, **dylora_cal}
+    print("calibration CPU minutes: " + ", ".join(f"{name} {m:.1f}" for name, (_, m) in runs.items()), flush=True)
+    return {"rows": rows, "cpu_min": {name: m for name, (_, m) in runs.items()},
+            "factors": {name: json.loads((copy / "calibration.json").read_text())["factors"]
+                        for name, (copy, _) in runs.items()}}
+
+
 def plot(rows, variants, naive, path):
     import matplotlib
 
@@ -191,6 +255,8 @@ def curve(path: Path):
 def main():
     args = parser.parse_args()
     args.plan = args.plan or shipped.read_card()["plan"]
+    if args.calibrate_scale and args.reuse and json.loads(Path(args.reuse).read_text())["settings"].get("seed", 0) == args.seed:
+        raise SystemExit("--calibrate-scale calibrates the fixed-rank runs themselves: drop --reuse or use another --seed")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     low, high = min(args.ranks), max(args.ranks)
@@ -222,12 +288,14 @@ def main():
         validation[variant] = validation_ce(args, dylora[variant][0], sorted({low, 4, high} & set(range(low, high + 1))), valid)
         print(f"  validation cross-entropy at ranks " + ", ".join(f"{r}: {v:.3f}" for r, v in validation[variant].items()), flush=True)
     rows, same_seed = [], earlier is not None and earlier["settings"].get("seed", 0) == args.seed
+    fixed = {}
     for rank in sorted(args.ranks):
         if same_seed:
             row = dict(next(r for r in earlier["rows"] if r["rank"] == rank))
         else:
             fixed_dir, fixed_min = run(args, directory_name(seeded(f"lora-r{rank}", args.seed)), "lora",
                                        {"rank": rank, "scale": SCALE, "dropout": 0.0}, **seed_setting)
+            fixed[rank] = fixed_dir
             row = {"rank": rank, "fixed": ranked_perplexity(args, fixed_dir, rank, windows), "fixed_cpu_min": fixed_min}
         for variant, (path, _) in dylora.items():
             row[variant] = ranked_perplexity(args, path, rank, windows)
@@ -251,6 +319,8 @@ def main():
                "reused": {"from": args.reuse, "variants": list(earlier_minutes)} if earlier else None}
     if earlier and args.skip_quantized:
         results.update({k: earlier[k] for k in ("memory", "curves") if k in earlier})
+    if args.calibrate_scale:
+        results["calibrated"] = calibrated_table(args, dylora, fixed, rows, windows, valid)
 
     if not args.skip_quantized:
         memory = {name: step_memory(args.plan, quantize, high) for name, quantize in (("float32", False), ("4-bit", True))}
@@ -273,7 +343,7 @@ def main():
         print("KD loss per step, float32 base: " + " ".join(f"{x:.3f}" for x in curves["float32"]))
         print("KD loss per step, 4-bit base:   " + " ".join(f"{x:.3f}" for x in curves["4-bit"]))
         results.update(memory=memory, curves=curves)
-    (out / "dylora.json").write_text(json.dumps(results, indent=2))
+    Path(args.results or out / "dylora.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
