@@ -56,6 +56,29 @@ def test_long_examples_are_truncated_with_a_count(tmp_path, tokenizer):
     assert max(len(ids) for ids, _ in train) == 16
 
 
+def test_examples_whose_prompt_fills_the_window_are_dropped_with_a_count(tmp_path, tokenizer):
+    # A batch of two such examples once left finetune dividing by zero target tokens.
+    long_prompt = {"prompt": "word " * 40, "completion": "Rome"}
+    write(tmp_path / "train.jsonl", [json.dumps(long_prompt), json.dumps({"prompt": "Capital?", "completion": "Rome"})])
+    with pytest.warns(UserWarning, match="1 of 2 examples have no token after their prompt"):
+        train, _ = load_data_dir(tmp_path, tokenizer, max_seq_length=16, mask_prompt=True)
+    assert len(train) == 1 and all(offset < len(ids) for ids, offset in train)
+
+
+def test_builtin_examples_all_have_targets_even_in_a_short_window():
+    from echo_mlx.tuner.data import builtin_examples
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe_tokenizer_json()),
+                                  eos_token="<|endoftext|>", bos_token="<|im_start|>")
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    with pytest.warns(UserWarning, match="no token after their prompt"):
+        train, valid = builtin_examples(TokenizerWrapper(tok), 16)
+    assert train and valid and all(offset < len(ids) for ids, offset in train + valid)
+
+
 def test_builtin_windows_never_touch_the_heldout_half(tokenizer):
     tokens = builtin_tokens(tokenizer)
     train_half, _ = split(tokens)

@@ -13,7 +13,9 @@ splits) is never among them.
 
 We read the JSONL ourselves first so a broken line is reported with its
 number, and count the examples longer than ``--max-seq-length`` (truncated,
-with a warning) instead of letting them fail deep inside training.
+with a warning) instead of letting them fail deep inside training. An example
+whose prompt fills the whole window has nothing left to learn from: it is
+dropped (counted in a warning), since a batch of such examples has no target.
 """
 
 import json
@@ -73,7 +75,17 @@ def _truncated(examples: List[Tuple[list, int]], max_seq_length: int, path) -> L
     if long:
         warnings.warn(f"{path}: {long} of {len(examples)} examples are longer than --max-seq-length "
                       f"{max_seq_length} tokens and were truncated")
-    return [(ids[:max_seq_length], min(offset, max_seq_length)) for ids, offset in examples]
+    return with_targets([(ids[:max_seq_length], min(offset, max_seq_length)) for ids, offset in examples], path)
+
+
+def with_targets(examples: List[Tuple[list, int]], source) -> List[Tuple[list, int]]:
+    """The examples with at least one token after the prompt (after truncation); the others are
+    dropped with a count: two of them in one batch would leave its loss nothing to average."""
+    kept = [(ids, offset) for ids, offset in examples if offset < len(ids)]
+    if len(kept) < len(examples):
+        warnings.warn(f"{source}: {len(examples) - len(kept)} of {len(examples)} examples have no token after their "
+                      f"prompt within the window and were dropped: raise --max-seq-length to keep them")
+    return kept
 
 
 BUILTIN = BUILTIN_SETS  # --data keywords
@@ -96,7 +108,7 @@ def builtin_examples(tokenizer, seq_length: int, which: str = "builtin"):
     if which in ("builtin", "general") and general.available():
         train += general.examples(tokenizer, "train", seq_length)
         valid += general.examples(tokenizer, "valid", seq_length)
-    return train, valid
+    return with_targets(train, "built-in training data"), with_targets(valid, "built-in validation data")
 
 
 def builtin_windows(tokenizer, seq_length: int):
