@@ -158,7 +158,7 @@ def calibrated_copy(args, path: Path, valid) -> tuple:
     from echo_mlx.tuner import rank_scales
 
     copy = path.with_name(path.name + "-calibrated")
-    if (copy / adapters.CONFIG).is_file() and "rank_scales" in adapters.read_config(copy)["lora_parameters"]:
+    if (copy / "calibration.json").is_file():  # written last: the copy is calibrated
         return copy, json.loads((copy / "calibration.json").read_text())["cpu_min"]
     shutil.rmtree(copy, ignore_errors=True)
     copy.mkdir()

@@ -131,7 +131,11 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(six_layer_source, tmp_path):
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("still running 60 s after Ctrl-C: " + proc.communicate()[1][-2000:])
     assert proc.returncode == 2 and "interrupted after step" in err and "Traceback" not in err, err
     assert json.loads((out / "state" / "state.json").read_text())["step"] >= 2
 

@@ -23,6 +23,8 @@ the target plan; ``metrics.jsonl`` every report, ``loss.png`` the curve.
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -264,6 +266,22 @@ class Progress:
             self.bar.stop()
 
 
+def _catch_ctrl_c(flag: list):
+    """Make the first Ctrl-C a flag the loop acts on once the current step has finished (and is
+    saved), not an exception raised wherever Python happens to be: raised inside the progress
+    bar's lock it deadlocked the exit. A second Ctrl-C stops at once. Returns the handler to
+    restore (None off the main thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+
+    return signal.signal(signal.SIGINT, handler)
+
+
 def _optimizer(args: FinetuneArgs, kind: str = "kd"):
     from mlx_lm.tuner.utils import build_schedule
 
@@ -385,6 +403,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
         return best
 
     student = None
+    interrupted = []  # set by the first Ctrl-C, acted on when the step it interrupted has finished
+    previous_handler = _catch_ctrl_c(interrupted)
     try:
         for k, stage in enumerate(stages):
             if stage.last_step <= step:
@@ -478,6 +498,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
                     _save(run_dir, *last_good, args, config)
                 if stop_after is not None and step >= stop_after:
                     raise _Stop()
+                if interrupted:
+                    raise KeyboardInterrupt
             carry = adapters.trainable_weights(student)
         if main and not valid:  # no validation set: the last weights are the result
             adapters.save(run_dir, student, config_for_adapters)
@@ -490,6 +512,8 @@ def finetune(args: FinetuneArgs, *, progress: bool = False, stop_after: Optional
             raise EchoError(f"interrupted after step {last_good[0]}: checkpoint saved in {run_dir / STATE}; continue with --resume")
         raise EchoError("interrupted before the first step finished: nothing to save")
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         if cache is not None:
             cache.flush()
