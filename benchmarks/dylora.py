@@ -141,25 +141,25 @@ def ranked_perplexity(args, path: Path, rank: int, windows) -> float:
     return perplexity(model, windows)
 
 
+def validation_loss(model, valid) -> float:
+    """Cross-entropy on finetune's validation batches (built-in training half, no held-out text)."""
+    return evaluate(model, make_loss(None, 0.0, 1.0), valid, FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8), 0, 1)
+
+
 def validation_ce(args, path: Path, ranks, valid) -> dict:
-    """Cross-entropy on finetune's validation batches (built-in training half, no held-out
-    text) at each rank: what the defaults are chosen on."""
-    settings = FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8)
-    loss = make_loss(None, 0.0, 1.0)
-    result = {}
-    for rank in ranks:
-        model, _ = load("default", plan=args.plan, adapter_path=str(path), lora_rank=rank)
-        result[rank] = evaluate(model, loss, valid, settings, 0, 1)
-    return result
+    """Validation cross-entropy at each rank: what the defaults are chosen on."""
+    return {rank: validation_loss(load("default", plan=args.plan, adapter_path=str(path), lora_rank=rank)[0], valid)
+            for rank in ranks}
 
 
 def calibrated_copy(args, path: Path, valid) -> tuple:
-    """(A calibrated copy of the run at ``path``, CPU minutes); a copy already calibrated is reused."""
+    """(A calibrated copy of the run at ``path``, its record: factors and CPU minutes); a copy already
+    calibrated is reused."""
     from echo_mlx.tuner import rank_scales
 
     copy = path.with_name(path.name + "-calibrated")
     if (copy / "calibration.json").is_file():  # written last: the copy is calibrated
-        return copy, json.loads((copy / "calibration.json").read_text())["cpu_min"]
+        return copy, json.loads((copy / "calibration.json").read_text())
     shutil.rmtree(copy, ignore_errors=True)
     copy.mkdir()
     for name in (adapters.CONFIG, adapters.WEIGHTS):  # the adapters alone: calibration needs no training state
@@ -167,12 +167,11 @@ def calibrated_copy(args, path: Path, valid) -> tuple:
     cpu = time.process_time()
     model, _ = load("default", plan=args.plan, adapter_path=str(copy))
     model.eval()
-    settings, loss = FinetuneArgs(batch_size=4, max_seq_length=256, val_batches=8), make_loss(None, 0.0, 1.0)
-    factors = rank_scales.calibrate(copy, model, lambda m: evaluate(m, loss, valid, settings, 0, 1),
+    factors = rank_scales.calibrate(copy, model, lambda m: validation_loss(m, valid),
                                     progress=lambda line: print(f"  {copy.name}: {line}", flush=True))
-    minutes = (time.process_time() - cpu) / 60
-    (copy / "calibration.json").write_text(json.dumps({"factors": factors, "cpu_min": minutes}))
-    return copy, minutes
+    record = {"factors": factors, "cpu_min": (time.process_time() - cpu) / 60}
+    (copy / "calibration.json").write_text(json.dumps(record))
+    return copy, record
 
 
 def calibrated_table(args, dylora: dict, fixed: dict, trained_rows, windows, valid) -> dict:
@@ -198,10 +197,9 @@ def calibrated_table(args, dylora: dict, fixed: dict, trained_rows, windows, val
             f"{r[v + ' calibrated']:.2f} | {r[v + ' calibrated'] / r['fixed calibrated']:.3f} | "
             f"{r[v + ' calibrated'] / best:.3f}" for v in dylora_cal) + " |")
     runs = {**{f"lora-r{rank}": c for rank, c in fixed_cal.items()}, **dylora_cal}
-    print("calibration CPU minutes: " + ", ".join(f"{name} {m:.1f}" for name, (_, m) in runs.items()), flush=True)
-    return {"rows": rows, "cpu_min": {name: m for name, (_, m) in runs.items()},
-            "factors": {name: json.loads((copy / "calibration.json").read_text())["factors"]
-                        for name, (copy, _) in runs.items()}}
+    print("calibration CPU minutes: " + ", ".join(f"{name} {r['cpu_min']:.1f}" for name, (_, r) in runs.items()), flush=True)
+    return {"rows": rows, "cpu_min": {name: r["cpu_min"] for name, (_, r) in runs.items()},
+            "factors": {name: r["factors"] for name, (_, r) in runs.items()}}
 
 
 def plot(rows, variants, naive, path):
