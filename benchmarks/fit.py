@@ -6,7 +6,7 @@
 
 One teacher stream over the calibration windows is shared by every variant;
 each variant is ``parts[:ridge[:prior]]`` (echo_mlx.conversion.fit.FitOptions: parts
-among keys, heads, values, o_proj, mlp; ridge default 1e-3; ``prior``
+among keys, heads, producer_queries, values, refine, o_proj, mlp; ridge default 1e-3; ``prior``
 shrinks re-solved matrices towards the original's). Reported per variant:
 validation perplexity (the built-in corpus's validation part, where choices
 are made; never the held-out half) and, with a chat template, the chat set's
@@ -41,6 +41,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=24576)
     parser.add_argument("--calibration", nargs="+", default=["builtin"])
     parser.add_argument("--variants", nargs="+", default=["keys,heads,o_proj,mlp"])
+    parser.add_argument("--refine-epochs", type=int, default=FitOptions().refine_epochs)
+    parser.add_argument("--refine-lr", type=float, default=FitOptions().refine_lr)
     args = parser.parse_args()
 
     src = load_source(args.model, dtype="float32")
@@ -71,7 +73,8 @@ def main():
         for variant in args.variants:
             parts, *rest = variant.split(":")
             ridge = float(rest[0]) if rest else 1e-3
-            fit = FitOptions(tokens=args.tokens, ridge=ridge, parts=tuple(parts.split(",")), prior=len(rest) > 1)
+            fit = FitOptions(tokens=args.tokens, ridge=ridge, parts=tuple(parts.split(",")), prior=len(rest) > 1,
+                             refine_epochs=args.refine_epochs, refine_lr=args.refine_lr)
             model = shared_model(src.config, src.weights, plan)[0]
             tic = time.perf_counter()
             for i in fitted_layers(model.args):

@@ -16,6 +16,8 @@ def convert(
     calibration: Optional[str] = typer.Option(None, help="--kv-init fit: a UTF-8 text file to fit on, or 'builtin' (default: the built-in corpus, chat and general sets' training parts, taking turns), 'corpus', 'chat' or 'general'."),
     calibration_tokens: int = typer.Option(24576, help="--kv-init fit: calibration tokens (whole windows of 512)."),
     ridge: float = typer.Option(1e-3, help="--kv-init fit: relative ridge strength of the least-squares solves."),
+    fit_parts: Optional[str] = typer.Option(None, help="--kv-init fit: what to fit, comma-separated among keys, heads, producer_queries, values, refine, o_proj, mlp (default: keys,heads,producer_queries,o_proj,mlp). 'refine' adds Adam epochs on each consumer's q_proj and o_proj (slower)."),
+    refine_epochs: int = typer.Option(4, help="--fit-parts with refine: Adam epochs over the calibration windows per consumer."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights (affine)."),
     q_bits: int = typer.Option(4, help="Bits per weight when quantizing."),
     q_group_size: int = typer.Option(64, help="Group size when quantizing."),
@@ -27,9 +29,12 @@ def convert(
     from echo_mlx.conversion.convert import convert as run
     from echo_mlx.conversion.fit import FitOptions
 
-    fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge) if kv_init == "fit" else None
-    if kv_init != "fit" and calibration is not None:
-        raise EchoError("--calibration is for --kv-init fit: add --kv-init fit or drop --calibration")
+    if kv_init != "fit" and (calibration is not None or fit_parts is not None):
+        raise EchoError(f"{'--calibration' if calibration is not None else '--fit-parts'} is for --kv-init fit: add --kv-init fit or drop it")
+    fit_options = None
+    if kv_init == "fit":
+        parts = tuple(p.strip() for p in fit_parts.split(",") if p.strip()) if fit_parts else FitOptions().parts
+        fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge, parts=parts, refine_epochs=refine_epochs)
     *_, summary = run(
         model, plan, kv_init=kv_init, quantize=quantize, q_bits=q_bits,
         q_group_size=q_group_size, dtype=dtype, out=out, force=force,

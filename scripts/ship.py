@@ -47,7 +47,8 @@ from echo_mlx.tuner import adapters
 
 def prepare(args):
     tic = time.perf_counter()
-    options = FitOptions(tokens=args.calibration_tokens)
+    parts = tuple(args.fit_parts.split(",")) if args.fit_parts else FitOptions().parts
+    options = FitOptions(tokens=args.calibration_tokens, parts=parts, refine_epochs=args.refine_epochs)
     model, tokenizer, config, _ = convert("default", args.plan, kv_init="fit", fit_options=options, progress=True)
     naive, _ = load("default", plan=args.plan, kv_init="own")
     fitted = shipped.fitted_tensors(model, naive)
@@ -117,7 +118,8 @@ def card(args):
         "plan_string": str(plan),
         "kv_reduction": plan.kv_reduction,
         "kv_init": "fit",
-        "fit": {k: fit[k] for k in ("calibration", "tokens", "window", "ridge", "parts")},
+        "fit": {k: fit[k] for k in ("calibration", "tokens", "window", "ridge", "parts")
+                + (("refine_epochs", "refine_lr") if "refine" in fit["parts"] else ())},
         "adapter": f"{config['fine_tune_type']} rank {lora['rank']} scale {lora['scale']} on layers "
                    f"{config['trainable_from']}..{plan.num_layers - 1}",
         "data": ("the built-in corpus's training part (Python's pydoc topics; its held-out half and any 32-token span "
@@ -173,6 +175,8 @@ def main():
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--calibration-tokens", type=int, default=FitOptions().tokens)
+    p.add_argument("--fit-parts", help="as convert's --fit-parts (default: the fit's default parts)")
+    p.add_argument("--refine-epochs", type=int, default=FitOptions().refine_epochs)
     p.add_argument("--force", action="store_true")
     c = sub.add_parser("card")
     c.add_argument("run", help="the directory holding base/ (from prepare) and adapters/ (the finetune run)")

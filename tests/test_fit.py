@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from echo_mlx.conversion.convert import shared_model, unshared_model
 from echo_mlx.conversion.fit import (Calibration, FitOptions, assign_heads, fit_layer, fit_model, fold_complex_scale,
-                          fold_value_maps, key_scales, rope_pairs, value_maps)
+                          fold_value_maps, key_scales, producer_query_rows, rope_pairs, value_maps)
 from echo_mlx.errors import EchoError
 from echo_mlx.io import checkpoint
 from echo_mlx.io.sources import load_source
@@ -153,6 +153,59 @@ def test_the_fit_is_deterministic(six_layer_source):
     assert all(mx.array_equal(fitted[0][k], fitted[1][k]) for k in fitted[0])
 
 
+def test_producer_query_rows_reproduce_the_producers_queries_from_the_consumers_input(six_layer_source):
+    # The producer's q_proj re-expressed for layer 4's input norm: on one residual state h,
+    # q_p(norm_p(h)) == rows @ norm_4(h), within 1e-5 in float64 (the gains differ per layer).
+    teacher, student = models(six_layer_source, "echo:4", mx.float64)
+    layers = student.layers
+    layers[3].input_layernorm.weight = layers[3].input_layernorm.weight * mx.linspace(0.5, 2.0, 64, dtype=mx.float64)
+    h = mx.array(np.random.default_rng(2).normal(size=(2, 7, 64)), dtype=mx.float64)
+    want = layers[3].self_attn.q_proj(layers[3].input_layernorm(h))
+    rows = producer_query_rows(student, 4)
+    got = layers[4].input_layernorm(h) @ mx.array(rows.reshape(-1, 64)).T
+    assert np.abs(np.array(got - want)).max() < 1e-5
+
+
+def test_producer_queries_never_cost_more_than_the_fitted_ones(six_layer_source):
+    # Every (teacher head, kv head) candidate is the cheaper of the two, so the assignment's cost can only fall.
+    costs = {}
+    for parts in (("keys", "heads"), ("keys", "heads", "producer_queries")):
+        teacher, student = models(six_layer_source, "echo:4")
+        cal = Calibration(teacher, windows(), batch=2)
+        info = fit_layer(student, cal, 4, FitOptions(parts=parts))
+        costs[parts] = info["head_cost"]
+    assert costs[("keys", "heads", "producer_queries")] <= costs[("keys", "heads")] + 1e-9
+    assert 0 <= info["producer_query_heads"] <= 4
+
+
+def test_refine_lowers_its_loss_deterministically_and_keeps_the_dtype(six_layer_source):
+    fitted = []
+    for _ in range(2):
+        teacher, student = models(six_layer_source, "echo:4", mx.bfloat16)
+        cal = Calibration(teacher, windows(), batch=2)
+        info = fit_layer(student, cal, 4, FitOptions(parts=("keys", "heads", "refine", "o_proj"), refine_epochs=3,
+                                                     refine_lr=1e-5))
+        before, after = info["refine_loss"]
+        assert after < before
+        assert student.layers[4].self_attn.q_proj.weight.dtype == mx.bfloat16
+        fitted.append(dict(tree_flatten(student.parameters())))
+    assert all(mx.array_equal(fitted[0][k], fitted[1][k]) for k in fitted[0])
+    with pytest.raises(EchoError, match="--refine-epochs 0 must be"):
+        FitOptions(parts=("refine",), refine_epochs=0).checked()
+
+
+def test_refine_keeps_its_start_when_every_epoch_overshoots(six_layer_source):
+    # A learning rate far too large: no epoch beats the start, so the layer is exactly the unrefined fit.
+    layers = []
+    for parts in (("keys", "heads"), ("keys", "heads", "refine")):
+        teacher, student = models(six_layer_source, "echo:4")
+        cal = Calibration(teacher, windows(), batch=2)
+        info = fit_layer(student, cal, 4, FitOptions(parts=parts, refine_lr=10.0, refine_epochs=2))
+        layers.append(dict(tree_flatten(student.layers[4].parameters())))
+    assert info["refine_loss"][0] == info["refine_loss"][1]
+    assert all(mx.array_equal(layers[0][k], layers[1][k]) for k in layers[0])
+
+
 def test_heads_are_assigned_at_least_cost_with_equal_groups():
     rng = np.random.default_rng(3)
     cost = rng.random((6, 3))
@@ -208,6 +261,13 @@ def test_fit_errors_are_one_line(capsys, six_layer_source, calibration_file, tmp
         assert "--ridge" in err and "positive number" in err
     err = cli_error(capsys, *base + ["--calibration", str(calibration_file)])
     assert "--kv-init fit" in err
+    err = cli_error(capsys, *base + ["--fit-parts", "keys,heads"])
+    assert "--fit-parts is for --kv-init fit" in err
+    err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--fit-parts", "keys,bogus"])
+    assert "unknown fit part(s) bogus" in err and "refine" in err
+    err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--fit-parts",
+                                     "keys,heads,refine,o_proj", "--refine-epochs", "0"])
+    assert "--refine-epochs 0 must be" in err
 
 
 def test_kv_init_fit_refuses_a_source_without_a_runnable_teacher(capsys, six_layer_source, tmp_path):

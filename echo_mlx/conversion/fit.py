@@ -29,6 +29,15 @@ For a K/V consumer i reading producer p:
    and the teacher's attention-block output is the target of one ridge
    regression; it subsumes any per-head value map (P (V B) = (P V) B).
    Without it, ``values`` folds a per-head output map B into o_proj instead.
+   ``producer_queries`` adds the producer's own query heads to the candidates
+   (their rows re-expressed for i's input norm, exactly): where a teacher head's
+   output is better predicted through the pattern p itself attends with, that
+   slot takes p's query rows. Most of a consumer's error is its attention
+   *pattern*, not the values it reads (measured: the teacher's own pattern over
+   p's values leaves about half the o_proj residual).
+   ``refine`` then takes a few Adam epochs on i's q_proj and o_proj against the
+   teacher's attention-block output (teacher-forced, one layer at a time: cheap),
+   the one nonlinear step, through the softmax, that least squares cannot make.
 4. **down_proj re-solve** (``mlp``): the layer's MLP down-projection refitted
    so that the whole layer, fed the teacher's input, outputs the teacher's
    next residual state.
@@ -48,8 +57,8 @@ import numpy as np
 
 from ..errors import EchoError
 
-PARTS = ("keys", "heads", "values", "o_proj", "mlp")
-DEFAULT_PARTS = ("keys", "heads", "o_proj", "mlp")
+PARTS = ("keys", "heads", "producer_queries", "values", "refine", "o_proj", "mlp")
+DEFAULT_PARTS = ("keys", "heads", "producer_queries", "o_proj", "mlp")
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,8 @@ class FitOptions:
     parts: Tuple[str, ...] = DEFAULT_PARTS
     prior: bool = False  # shrink re-solved matrices towards the original's instead of towards 0
     batch: int = 4  # windows per forward pass
+    refine_epochs: int = 4  # ``refine``: Adam epochs over the calibration windows per consumer
+    refine_lr: float = 3e-4  # ``refine``: Adam learning rate
 
     def checked(self) -> "FitOptions":
         if not (isinstance(self.ridge, (int, float)) and np.isfinite(self.ridge) and self.ridge > 0):
@@ -68,6 +79,10 @@ class FitOptions:
             raise EchoError(f"--calibration-window {self.window} is too small: use e.g. 512")
         if self.tokens < self.window:
             raise EchoError(f"--calibration-tokens {self.tokens} is less than one window of {self.window}: use e.g. 24576")
+        if "refine" in self.parts and not (isinstance(self.refine_epochs, int) and self.refine_epochs >= 1):
+            raise EchoError(f"--refine-epochs {self.refine_epochs!r} must be a whole number of at least 1 with fit part refine")
+        if "refine" in self.parts and not (np.isfinite(self.refine_lr) and self.refine_lr > 0):
+            raise EchoError(f"refine learning rate {self.refine_lr!r} must be a positive number, e.g. 1e-4")
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise EchoError(f"unknown fit part(s) {', '.join(sorted(unknown))}: use {', '.join(PARTS)}")
@@ -316,6 +331,10 @@ def fit_layer(student, cal: Calibration, i: int, options: FitOptions) -> dict:
     consumer = student.args.kv_sources[i] != i
     if consumer and ("keys" in options.parts or "heads" in options.parts):
         info.update(_fit_queries(student, cal, i, options))
+    if consumer and "refine" in options.parts and "q_proj" in student.layers[i].self_attn:
+        if "o_proj" in options.parts:  # refine from the best o_proj for the fitted queries
+            _fit_o_proj(student, cal, i, options)
+        info.update(refine_attention(student, cal, i, options))
     if "o_proj" in options.parts:
         info["o_proj_residual"] = _fit_o_proj(student, cal, i, options)
     if "mlp" in options.parts:
@@ -404,9 +423,11 @@ def _fit_queries(student, cal: Calibration, i, options: FitOptions) -> dict:
     w_q = _numpy64(t_attn.q_proj.weight).reshape(n_q, D, -1)
     candidate_rows = {(h, b): fold_complex_scale(w_q[h], scale[h // G, b], pairs) for h in range(n_q) for b in range(n_kv)}
     identity = [h // G for h in range(n_q)]
-    cost, assignment = None, identity
+    cost, assignment, from_producer = None, identity, set()
     if "heads" in options.parts:
         cost = _pair_costs(student, cal, i, candidate_rows, options)
+        if "producer_queries" in options.parts and "q_proj" in student.layers[attn.kv_source].self_attn:
+            cost, candidate_rows, from_producer = _with_producer_queries(student, cal, i, cost, candidate_rows, options)
         assignment = assign_heads(cost, G)
     # Slot j of producer kv head b gets the query heads assigned to b, in order.
     order = [h for b in range(n_kv) for h in range(n_q) if assignment[h] == b]
@@ -418,6 +439,8 @@ def _fit_queries(student, cal: Calibration, i, options: FitOptions) -> dict:
         maps = value_maps(student, cal, i, order, options.ridge)
         attn.o_proj.weight = _like(fold_value_maps(_numpy64(t_attn.o_proj.weight), order, maps), t_attn.o_proj.weight)
     info = {"head_order": order}
+    if "producer_queries" in options.parts:
+        info["producer_query_heads"] = sum((h, assignment[h]) in from_producer for h in range(n_q))
     if cost is not None:
         info["head_cost"] = float(cost[np.arange(n_q), assignment].mean())
         info["head_cost_default"] = float(cost[np.arange(n_q), identity].mean())
@@ -443,6 +466,93 @@ def _pair_costs(student, cal: Calibration, i, candidate_rows, options) -> np.nda
             out = attn._attend(q, keys[:, b : b + 1], values[:, b : b + 1], None, cal.mask(student, i), 0, earlier_only)
             grams[b].add(per_head(out), teacher_out)
     return np.stack([g.residual(options.ridge) for g in grams], axis=1)
+
+
+def producer_query_rows(student, i) -> np.ndarray:
+    """The producer's q_proj rows (H, D, d_in) acting on layer i's normalised input: RMSNorm's gains
+    differ per layer, so columns are scaled by g_p / g_i, exactly (q_p(x_p-norm) = W (g_p * x / rms))."""
+    p = student.args.kv_sources[i]
+    attn = student.layers[i].self_attn
+    gain = _numpy64(student.layers[p].input_layernorm.weight) / _numpy64(student.layers[i].input_layernorm.weight)
+    w = _numpy64(student.layers[p].self_attn.q_proj.weight) * gain[None]
+    return w.reshape(attn.n_heads, attn.head_dim, -1)
+
+
+def _with_producer_queries(student, cal: Calibration, i, cost, candidate_rows, options):
+    """For each (teacher head h, producer kv head b), the better of i's fitted query h and the
+    producer's query heads that read b, by the same ridge residual as _pair_costs; also the
+    (h, b) pairs where the producer's won."""
+    attn = student.layers[i].self_attn
+    n_q, n_kv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    G = n_q // n_kv
+    rows = producer_query_rows(student, i)
+    w = _like(rows.reshape(n_q * D, -1), attn.q_proj.weight)
+    gram = Gram()  # leading axes (producer head h', teacher head h)
+    per_head = lambda a: a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[-1])
+    for chunk in cal.chunks():
+        keys, values, _ = cal.kv_for(student, i, chunk)[attn.kv_source]
+        x = cal.x(student, i, chunk)
+        B, T, _ = x.shape
+        q = attn.rope((x @ w.T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
+        out = per_head(attn._attend(q, keys, values, None, cal.mask(student, i), 0, attn.kv_source > i))
+        target = per_head(_teacher_heads(cal, i, chunk))
+        shape = (n_q, n_q) + out.shape[1:]
+        gram.add(mx.broadcast_to(out[:, None], shape), mx.broadcast_to(target[None], shape))
+    producer_cost = gram.residual(options.ridge).T  # [teacher head h, producer head h']
+    cost, candidate_rows, taken = cost.copy(), dict(candidate_rows), set()
+    for h in range(n_q):
+        for b in range(n_kv):
+            best = b * G + int(np.argmin(producer_cost[h, b * G : (b + 1) * G]))
+            if producer_cost[h, best] < cost[h, b]:
+                cost[h, b] = producer_cost[h, best]
+                candidate_rows[(h, b)] = rows[best]
+                taken.add((h, b))
+    return cost, candidate_rows, taken
+
+
+def refine_attention(student, cal: Calibration, i, options: FitOptions) -> dict:
+    """Adam on layer i's q_proj and o_proj: its attention-block output, fed the teacher's input and
+    its producer's K/V, against the teacher's, as squared error relative to the target's energy.
+    Float32 whatever the model's dtype; a fixed order of windows, so it is deterministic."""
+    import mlx.optimizers as optim
+
+    attn = student.layers[i].self_attn
+    dtype = attn.q_proj.weight.dtype
+    data = []
+    for rows in cal.chunks():
+        k, v, _ = cal.kv_for(student, i, rows)[attn.kv_source]
+        x, target = cal.x(student, i, rows), _teacher_attention(cal, i, rows)
+        batch = tuple(a.astype(mx.float32) for a in (x, k, v, target))
+        mx.eval(batch)
+        data.append(batch)
+    mask = cal.mask(student, i)
+    energy = sum(float((t * t).mean()) for *_, t in data) / len(data)
+
+    def loss_fn(module, x, k, v, target):
+        out = module(x, mask, None, {attn.kv_source: (k, v, None)}, 0)
+        return ((out - target) ** 2).mean() / energy
+
+    attn.set_dtype(mx.float32)
+    attn.freeze()
+    attn.q_proj.unfreeze()
+    attn.o_proj.unfreeze()
+    step = nn.value_and_grad(attn, loss_fn)
+    optimizer = optim.Adam(learning_rate=options.refine_lr)
+    total = lambda: sum(float(loss_fn(attn, *b)) for b in data) / len(data)
+    before = best = total()
+    kept = attn.trainable_parameters()
+    for _ in range(options.refine_epochs):
+        for batch in data:
+            _, grads = step(attn, *batch)
+            optimizer.update(attn, grads)
+            mx.eval(attn.parameters(), optimizer.state)
+        loss = total()
+        if loss < best:  # an epoch that overshoots is not kept: refine never ends worse than it began
+            best, kept = loss, attn.trainable_parameters()
+    attn.update(kept)
+    attn.unfreeze()
+    attn.set_dtype(dtype)
+    return {"refine_loss": [before, best]}
 
 
 def value_maps(student, cal: Calibration, i, order, ridge: float) -> List[np.ndarray]:
