@@ -129,7 +129,10 @@ def card(args):
         "recipe": command.split("finetune", 1)[-1].strip(),
         "hardware": args.hardware,
         "protocol": "echo_mlx.analysis.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
-        "command": f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']} --out {base_dir}\n{command}",
+        "command": (f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']}"
+                    + (f" --fit-parts {','.join(fit['parts'])}" if tuple(fit["parts"]) != FitOptions().parts else "")
+                    + (f" --refine-epochs {fit['refine_epochs']}" if "refine" in fit["parts"] else "")
+                    + f" --out {base_dir}\n{command}"),
         "results": {
             "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": reference["corpus"],
             "naive_ppl": naive_ppl, "fitted_ppl": fitted_ppl, "adapted_ppl": adapted["corpus"],
