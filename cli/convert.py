@@ -27,14 +27,14 @@ def convert(
 ):
     """Convert a pretrained LLaMA into an echo checkpoint with a sharing plan."""
     from echo_mlx.conversion.convert import convert as run
-    from echo_mlx.conversion.fit import FitOptions
+    from echo_mlx.conversion.fit import FitOptions, parse_parts
 
     if kv_init != "fit" and (calibration is not None or fit_parts is not None):
         raise EchoError(f"{'--calibration' if calibration is not None else '--fit-parts'} is for --kv-init fit: add --kv-init fit or drop it")
     fit_options = None
     if kv_init == "fit":
-        parts = tuple(p.strip() for p in fit_parts.split(",") if p.strip()) if fit_parts else FitOptions().parts
-        fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge, parts=parts, refine_epochs=refine_epochs)
+        fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge, parts=parse_parts(fit_parts),
+                                 refine_epochs=refine_epochs)
     *_, summary = run(
         model, plan, kv_init=kv_init, quantize=quantize, q_bits=q_bits,
         q_group_size=q_group_size, dtype=dtype, out=out, force=force,

@@ -37,7 +37,7 @@ import mlx.core as mx
 from echo_mlx.analysis.evaluate import other_domain_validation_windows, other_domain_windows, perplexity
 from echo_mlx.api import load
 from echo_mlx.conversion.convert import convert
-from echo_mlx.conversion.fit import FitOptions
+from echo_mlx.conversion.fit import FitOptions, parse_parts
 from echo_mlx.datasets import chat, general
 from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows, validation_windows
 from echo_mlx.io import checkpoint, shipped
@@ -47,8 +47,7 @@ from echo_mlx.tuner import adapters
 
 def prepare(args):
     tic = time.perf_counter()
-    parts = tuple(args.fit_parts.split(",")) if args.fit_parts else FitOptions().parts
-    options = FitOptions(tokens=args.calibration_tokens, parts=parts, refine_epochs=args.refine_epochs)
+    options = FitOptions(tokens=args.calibration_tokens, parts=parse_parts(args.fit_parts), refine_epochs=args.refine_epochs)
     model, tokenizer, config, _ = convert("default", args.plan, kv_init="fit", fit_options=options, progress=True)
     naive, _ = load("default", plan=args.plan, kv_init="own")
     fitted = shipped.fitted_tensors(model, naive)

@@ -264,6 +264,17 @@ def assign_heads(cost: np.ndarray, per_group: int) -> List[int]:
     return best
 
 
+def _per_head(a: mx.array) -> mx.array:
+    """(B, H, T, D) -> (H, B*T, D): one regression per head over every token."""
+    return a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[-1])
+
+
+def parse_parts(text: Optional[str]) -> Tuple[str, ...]:
+    """``--fit-parts`` as given ("keys,heads,..."); None or empty: the default parts."""
+    parts = tuple(p.strip() for p in (text or "").split(",") if p.strip())
+    return parts or DEFAULT_PARTS
+
+
 def _like(values: np.ndarray, weight: mx.array) -> mx.array:
     """A fitted float64 solution as a weight of ``weight``'s dtype."""
     return mx.array(values, dtype=mx.float64).astype(weight.dtype)
@@ -455,16 +466,15 @@ def _pair_costs(student, cal: Calibration, i, candidate_rows, options) -> np.nda
     grams = [Gram() for _ in range(n_kv)]  # per producer kv head: one regression per query head
     w = {b: _like(np.concatenate([candidate_rows[(h, b)] for h in range(n_q)]), attn.q_proj.weight) for b in range(n_kv)}
     earlier_only = attn.kv_source > i
-    per_head = lambda a: a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[-1])  # (H, B*T, D)
     for rows in cal.chunks():
         keys, values, _ = cal.kv_for(student, i, rows)[attn.kv_source]
         x = cal.x(student, i, rows)
         B, T, _ = x.shape
-        teacher_out = per_head(_teacher_heads(cal, i, rows))
+        teacher_out = _per_head(_teacher_heads(cal, i, rows))
         for b in range(n_kv):
             q = attn.rope((x @ w[b].T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
             out = attn._attend(q, keys[:, b : b + 1], values[:, b : b + 1], None, cal.mask(student, i), 0, earlier_only)
-            grams[b].add(per_head(out), teacher_out)
+            grams[b].add(_per_head(out), teacher_out)
     return np.stack([g.residual(options.ridge) for g in grams], axis=1)
 
 
@@ -488,14 +498,13 @@ def _with_producer_queries(student, cal: Calibration, i, cost, candidate_rows, o
     rows = producer_query_rows(student, i)
     w = _like(rows.reshape(n_q * D, -1), attn.q_proj.weight)
     gram = Gram()  # leading axes (producer head h', teacher head h)
-    per_head = lambda a: a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[-1])
     for chunk in cal.chunks():
         keys, values, _ = cal.kv_for(student, i, chunk)[attn.kv_source]
         x = cal.x(student, i, chunk)
         B, T, _ = x.shape
         q = attn.rope((x @ w.T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
-        out = per_head(attn._attend(q, keys, values, None, cal.mask(student, i), 0, attn.kv_source > i))
-        target = per_head(_teacher_heads(cal, i, chunk))
+        out = _per_head(attn._attend(q, keys, values, None, cal.mask(student, i), 0, attn.kv_source > i))
+        target = _per_head(_teacher_heads(cal, i, chunk))
         shape = (n_q, n_q) + out.shape[1:]
         gram.add(mx.broadcast_to(out[:, None], shape), mx.broadcast_to(target[None], shape))
     producer_cost = gram.residual(options.ridge).T  # [teacher head h, producer head h']
@@ -558,10 +567,9 @@ def refine_attention(student, cal: Calibration, i, options: FitOptions) -> dict:
 def value_maps(student, cal: Calibration, i, order, ridge: float) -> List[np.ndarray]:
     """Per slot j, the ridge map B_j (D x D) with teacher head order[j]'s output ~ slot j's output @ B_j."""
     gram = Gram()
-    per_head = lambda a: a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[-1])
     for rows in cal.chunks():
         out, teacher_out = _student_heads(student, cal, i, rows), _teacher_heads(cal, i, rows)
-        gram.add(per_head(out), per_head(teacher_out[:, mx.array(order)]))
+        gram.add(_per_head(out), _per_head(teacher_out[:, mx.array(order)]))
     return list(gram.solve(ridge))
 
 
