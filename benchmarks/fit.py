@@ -6,7 +6,7 @@
 
 One teacher stream over the calibration windows is shared by every variant;
 each variant is ``parts[:ridge[:prior]]`` (echo_mlx.conversion.fit.FitOptions: parts
-among keys, heads, producer_queries, values, refine, o_proj, mlp; ridge default 1e-3; ``prior``
+among keys, heads, producer_queries, values, refine, o_proj, mlp, correct; ridge default 1e-3; ``prior``
 shrinks re-solved matrices towards the original's). Reported per variant:
 validation perplexity (the built-in corpus's validation part, where choices
 are made; never the held-out half) and, with a chat template, the chat set's
@@ -28,7 +28,7 @@ import mlx.core as mx
 from echo_mlx import blas
 from echo_mlx.analysis.evaluate import perplexity
 from echo_mlx.conversion.convert import shared_model, unshared_model
-from echo_mlx.conversion.fit import Calibration, FitOptions, calibration, fit_layer, fitted_layers
+from echo_mlx.conversion.fit import Calibration, FitOptions, calibration, fit_model
 from echo_mlx.datasets import chat, corpus, general
 from echo_mlx.io.sources import load_source
 from echo_mlx.models.plans import SharingPlan
@@ -77,8 +77,7 @@ def main():
                              refine_epochs=args.refine_epochs, refine_lr=args.refine_lr)
             model = shared_model(src.config, src.weights, plan)[0]
             tic = time.perf_counter()
-            for i in fitted_layers(model.args):
-                fit_layer(model, cal, i, fit)
+            fit_model(model, teacher, windows, fit, described, cal=cal)
             seconds = time.perf_counter() - tic
             scores = chat.answer_scores(model, tokenizer, "valid") if with_chat else None
             chat_cells = f"{scores['ppl'] / reference['ppl']:.3f} | {scores['top1']:.1%}" if with_chat else "- | -"

@@ -206,6 +206,45 @@ def test_refine_keeps_its_start_when_every_epoch_overshoots(six_layer_source):
     assert all(mx.array_equal(layers[0][k], layers[1][k]) for k in layers[0])
 
 
+def stream_error(teacher, student, wins) -> float:
+    """Squared distance of the student's last hidden state from the teacher's, relative to its energy."""
+    tokens = mx.array(wins)
+    t, s = teacher.model(tokens), student.model(tokens)
+    return (((s - t) ** 2).sum() / (t * t).sum()).item()
+
+
+@pytest.mark.parametrize("plan", ["cla:2", "0_1_2a1_3a1_4_4"])
+def test_correct_brings_the_models_own_stream_closer_to_the_original(six_layer_source, plan):
+    # K/V sharing, and EchoAtt (whose probabilities the pass keeps only until their last reader).
+    errors, layers = {}, {}
+    for parts in (("keys", "heads", "o_proj", "mlp"), ("keys", "heads", "o_proj", "mlp", "correct")):
+        teacher, student = models(six_layer_source, plan)
+        report = fit_model(student, teacher, windows(), FitOptions(tokens=4 * 48, window=48, parts=parts), "test")
+        errors[parts] = stream_error(teacher, student, windows())
+        layers[parts] = report.layers
+    corrected = {j for j, info in layers[parts].items() if "corrected_down_proj_residual" in info}
+    first = min(layers[("keys", "heads", "o_proj", "mlp")])
+    assert corrected == set(range(first, 6))
+    assert errors[parts] < errors[("keys", "heads", "o_proj", "mlp")]
+
+
+def test_correct_leaves_an_unshared_model_and_the_layers_below_the_first_change_alone(six_layer_source):
+    teacher, student = models(six_layer_source, "none")
+    before = dict(tree_flatten(student.parameters()))
+    fit_model(student, teacher, windows(), FitOptions(tokens=4 * 48, window=48, parts=("correct",)), "test")
+    assert all(mx.array_equal(v, dict(tree_flatten(student.parameters()))[k]) for k, v in before.items())
+    teacher, student = models(six_layer_source, "0_1_2_3_3_5")
+    below = dict(tree_flatten(student.layers[2].parameters()))
+    fit_model(student, teacher, windows(), FitOptions(tokens=4 * 48, window=48, parts=("keys", "mlp", "correct")), "test")
+    assert all(mx.array_equal(v, dict(tree_flatten(student.layers[2].parameters()))[k]) for k, v in below.items())
+
+
+def test_correct_refuses_a_plan_whose_consumers_read_layers_above(six_layer_source):
+    teacher, student = models(six_layer_source, "pizza-top:3")
+    with pytest.raises(EchoError, match="fit part correct .* drop correct"):
+        fit_model(student, teacher, windows(), FitOptions(tokens=4 * 48, window=48, parts=("keys", "correct")), "test")
+
+
 def test_heads_are_assigned_at_least_cost_with_equal_groups():
     rng = np.random.default_rng(3)
     cost = rng.random((6, 3))

@@ -41,6 +41,12 @@ For a K/V consumer i reading producer p:
 4. **down_proj re-solve** (``mlp``): the layer's MLP down-projection refitted
    so that the whole layer, fed the teacher's input, outputs the teacher's
    next residual state.
+5. **correct** (opt-in, after every layer is fitted): one pass of the
+   converted model over the calibration windows, layer by layer from the first
+   changed one, re-solving each layer's down_proj on the model's *own* stream
+   towards the teacher's next residual state, shrunk towards the fitted
+   weights. The teacher-forced fits cannot see that errors compound; this lets
+   every later layer (shared or not) undo part of the drift it receives.
 
 Ridge strengths are relative: lambda = ridge * mean(diag(X^T X)), so one
 value fits features of any scale. Everything is float64 sums over fixed
@@ -56,8 +62,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import EchoError
+from ..models.model import cyclic_blocks
 
-PARTS = ("keys", "heads", "producer_queries", "values", "refine", "o_proj", "mlp")
+PARTS = ("keys", "heads", "producer_queries", "values", "refine", "o_proj", "mlp", "correct")
 DEFAULT_PARTS = ("keys", "heads", "producer_queries", "o_proj", "mlp")
 
 
@@ -71,6 +78,7 @@ class FitOptions:
     batch: int = 4  # windows per forward pass
     refine_epochs: int = 4  # ``refine``: Adam epochs over the calibration windows per consumer
     refine_lr: float = 3e-4  # ``refine``: Adam learning rate
+    correct_ridge: float = 1e-2  # ``correct``: relative ridge, shrinking towards the fitted down_proj
 
     def checked(self) -> "FitOptions":
         if not (isinstance(self.ridge, (int, float)) and np.isfinite(self.ridge) and self.ridge > 0):
@@ -362,15 +370,22 @@ def fit_model(student, teacher, windows, options: FitOptions, calibration: str, 
 
     options = options.checked()
     targets = fitted_layers(student.args)
+    if "correct" in options.parts and cyclic_blocks(student.args.kv_sources):
+        raise EchoError("fit part correct runs the model layer by layer, so its consumers must read K/V from "
+                        "layers below them: drop correct for this plan")
     report = FitReport(calibration, dict(asdict(options), parts=list(options.parts)))
     if not targets:
         return report
     chunks = -(-len(windows) // options.batch) if cal is None else 0
-    bar = tqdm(total=chunks + len(targets), desc="fit", unit="step", disable=not progress, leave=False)
+    corrected = student.args.num_hidden_layers - targets[0] if "correct" in options.parts else 0
+    bar = tqdm(total=chunks + len(targets) + corrected, desc="fit", unit="step", disable=not progress, leave=False)
     cal = cal or Calibration(teacher, windows, options.batch, bar)
     for i in targets:
         report.layers[i] = fit_layer(student, cal, i, options)
         bar.update(1)
+    if "correct" in options.parts:
+        for j, residual in correct_stream(student, cal, options, bar).items():
+            report.layers.setdefault(j, {})["corrected_down_proj_residual"] = residual
     bar.close()
     return report
 
@@ -612,3 +627,53 @@ def _fit_down_proj(student, cal: Calibration, i, options) -> float:
     prior = _numpy64(layer.mlp.down_proj.weight).T if options.prior else None
     layer.mlp.down_proj.weight = _like(gram.solve(options.ridge, prior).T, layer.mlp.down_proj.weight)
     return float(gram.residual(options.ridge, prior))
+
+
+def correct_stream(student, cal: Calibration, options: FitOptions, progress=None) -> Dict[int, float]:
+    """Step 5: from the first changed layer on, each layer's down_proj re-solved on the student's own
+    stream (ridge ``correct_ridge``, shrunk towards the fitted weights) so that the layer outputs the
+    teacher's next residual state; the stream then moves on through the corrected layer. Returns the
+    ridge residual per corrected layer."""
+    from mlx_lm.models.activations import swiglu
+
+    args = student.args
+    changed = fitted_layers(args)
+    if not changed:
+        return {}
+    last_reader = _last_readers(args)
+    chunks = cal.chunks()
+    states = [cal.states[0][rows] for rows in chunks]  # embeddings: never changed by a plan
+    kvs = [{} for _ in chunks]
+    residuals = {}
+    for j, layer in enumerate(student.layers):
+        mask = cal.mask(student, j)
+        if j >= changed[0]:  # below the first changed layer the stream is the teacher's
+            gram = Gram()
+            for c, rows in enumerate(chunks):
+                mid = states[c] + layer.self_attn(layer.input_layernorm(states[c]), mask, None, dict(kvs[c]), 0)
+                z = layer.post_attention_layernorm(mid)
+                features = swiglu(layer.mlp.gate_proj(z), layer.mlp.up_proj(z))
+                target = cal.states[j + 1][rows] - mid
+                gram.add(features.reshape(-1, features.shape[-1]), target.reshape(-1, target.shape[-1]))
+            w = layer.mlp.down_proj.weight
+            prior = _numpy64(w).T
+            layer.mlp.down_proj.weight = _like(gram.solve(options.correct_ridge, prior).T, w)
+            residuals[j] = float(gram.residual(options.correct_ridge, prior))
+            if progress:
+                progress.update(1)
+        for c in range(len(chunks)):
+            states[c] = layer(states[c], mask, None, kvs[c], 0)
+            # What no later layer reads is dropped: K/V, and EchoAtt's probabilities, are big.
+            for key in [k for k in kvs[c] if last_reader[k if isinstance(k, int) else k[1]] <= j]:
+                del kvs[c][key]
+            mx.eval(states[c], [v[:2] if isinstance(v, tuple) else v for v in kvs[c].values()])
+    return residuals
+
+
+def _last_readers(args) -> List[int]:
+    """For each layer s, the last layer that reads its K/V or its attention (s itself if none)."""
+    last = list(range(args.num_hidden_layers))
+    for i in range(args.num_hidden_layers):
+        for s in (args.kv_sources[i], args.attention_sources[i]):
+            last[s] = max(last[s], i)
+    return last
