@@ -613,20 +613,26 @@ def _fit_o_proj(student, cal: Calibration, i, options) -> float:
 
 def _fit_down_proj(student, cal: Calibration, i, options) -> float:
     """Step 4: down_proj <- ridge(MLP hidden features -> what the teacher's layer output still needs)."""
-    from mlx_lm.models.activations import swiglu
-
     layer = student.layers[i]
     gram = Gram()
     for rows in cal.chunks():
-        h = cal.states[i][rows]
-        mid = h + layer.self_attn(cal.x(student, i, rows), cal.mask(student, i), None, cal.kv_for(student, i, rows), 0)
-        z = layer.post_attention_layernorm(mid)
-        features = swiglu(layer.mlp.gate_proj(z), layer.mlp.up_proj(z))
-        target = cal.states[i + 1][rows] - mid
-        gram.add(features.reshape(-1, features.shape[-1]), target.reshape(-1, target.shape[-1]))
+        gram.add(*_down_proj_problem(layer, cal.states[i][rows], cal.mask(student, i), cal.kv_for(student, i, rows),
+                                     cal.states[i + 1][rows]))
     prior = _numpy64(layer.mlp.down_proj.weight).T if options.prior else None
     layer.mlp.down_proj.weight = _like(gram.solve(options.ridge, prior).T, layer.mlp.down_proj.weight)
     return float(gram.residual(options.ridge, prior))
+
+
+def _down_proj_problem(layer, h, mask, kv, next_state):
+    """(features, target) of a down_proj re-solve, one row per token: the MLP's hidden features for the
+    layer's input ``h``, and what its down_proj must add for the layer to output ``next_state``."""
+    from mlx_lm.models.activations import swiglu
+
+    mid = h + layer.self_attn(layer.input_layernorm(h), mask, None, kv, 0)
+    z = layer.post_attention_layernorm(mid)
+    features = swiglu(layer.mlp.gate_proj(z), layer.mlp.up_proj(z))
+    target = next_state - mid
+    return features.reshape(-1, features.shape[-1]), target.reshape(-1, target.shape[-1])
 
 
 def correct_stream(student, cal: Calibration, options: FitOptions, progress=None) -> Dict[int, float]:
@@ -634,8 +640,6 @@ def correct_stream(student, cal: Calibration, options: FitOptions, progress=None
     stream (ridge ``correct_ridge``, shrunk towards the fitted weights) so that the layer outputs the
     teacher's next residual state; the stream then moves on through the corrected layer. Returns the
     ridge residual per corrected layer."""
-    from mlx_lm.models.activations import swiglu
-
     args = student.args
     changed = fitted_layers(args)
     if not changed:
@@ -649,12 +653,8 @@ def correct_stream(student, cal: Calibration, options: FitOptions, progress=None
         mask = cal.mask(student, j)
         if j >= changed[0]:  # below the first changed layer the stream is the teacher's
             gram = Gram()
-            for c, rows in enumerate(chunks):
-                mid = states[c] + layer.self_attn(layer.input_layernorm(states[c]), mask, None, dict(kvs[c]), 0)
-                z = layer.post_attention_layernorm(mid)
-                features = swiglu(layer.mlp.gate_proj(z), layer.mlp.up_proj(z))
-                target = cal.states[j + 1][rows] - mid
-                gram.add(features.reshape(-1, features.shape[-1]), target.reshape(-1, target.shape[-1]))
+            for c, rows in enumerate(chunks):  # a copy of the K/V: the pass below writes this layer's own
+                gram.add(*_down_proj_problem(layer, states[c], mask, dict(kvs[c]), cal.states[j + 1][rows]))
             w = layer.mlp.down_proj.weight
             prior = _numpy64(w).T
             layer.mlp.down_proj.weight = _like(gram.solve(options.correct_ridge, prior).T, w)
