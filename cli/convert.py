@@ -17,7 +17,7 @@ def convert(
     calibration_tokens: int = typer.Option(24576, help="--kv-init fit: calibration tokens (whole windows of 512)."),
     ridge: float = typer.Option(1e-3, help="--kv-init fit: relative ridge strength of the least-squares solves."),
     fit_parts: Optional[str] = typer.Option(None, help="--kv-init fit: what to fit, comma-separated among keys, heads, producer_queries, values, refine, o_proj, mlp, correct (default: keys,heads,producer_queries,o_proj,mlp). 'refine' adds Adam epochs on each consumer's q_proj and o_proj (slower); 'correct' re-solves every later layer's down_proj on the converted model's own stream (one more pass)."),
-    refine_epochs: int = typer.Option(4, help="--fit-parts with refine: Adam epochs over the calibration windows per consumer."),
+    refine_epochs: int = typer.Option(4, help="--fit-parts with refine: Adam epochs over the calibration windows per consumer."),  # FitOptions.refine_epochs (tested)
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights (affine)."),
     q_bits: int = typer.Option(4, help="Bits per weight when quantizing."),
     q_group_size: int = typer.Option(64, help="Group size when quantizing."),

@@ -166,7 +166,8 @@ def validate(args):
         show("shipped", shipped.load()[0])
     for run in map(Path, args.runs):
         model = checkpoint.load(run / "base")[0]
-        show(f"{run} fitted", model)
+        if not args.skip_fitted:
+            show(f"{run} fitted", model)
         show(f"{run} adapted", adapters.apply(model, run / "adapters", str(run / "base")))
 
 
@@ -191,6 +192,7 @@ def main():
     v = sub.add_parser("validate")
     v.add_argument("runs", nargs="*", help="directories holding base/ and adapters/")
     v.add_argument("--skip-shipped", action="store_true")
+    v.add_argument("--skip-fitted", action="store_true", help="only the adapted models (their bases measured before)")
     args = parser.parse_args()
     {"prepare": prepare, "card": card, "validate": validate}[args.verb](args)
 

@@ -335,3 +335,17 @@ def test_finetune_can_start_from_a_fitted_conversion(six_layer_source, tmp_path)
     naive, _ = echo_mlx.load(six_layer_source, plan="cla:2")
     with pytest.raises(EchoError, match="different base weights"):
         adapters.apply(naive, tmp_path / "run", six_layer_source)
+
+
+def test_convert_cli_fit_defaults_are_fit_options_defaults():
+    """The CLI keeps its defaults as literals (it imports no mlx before a command runs): they must
+    stay FitOptions' own, so `echo-mlx convert --kv-init fit` fits as echo_mlx.convert(...) does."""
+    import inspect
+
+    from cli.convert import convert as convert_command
+
+    defaults = {name: p.default.default for name, p in inspect.signature(convert_command).parameters.items()}
+    options = FitOptions()
+    assert defaults["calibration_tokens"] == options.tokens
+    assert defaults["ridge"] == options.ridge
+    assert defaults["refine_epochs"] == options.refine_epochs
