@@ -14,10 +14,11 @@ def convert(
     out: str = typer.Option(..., "--out", "--mlx-path", help="Directory to write the echo checkpoint to."),
     kv_init: str = typer.Option("own", help="'own': producers keep their K/V weights; 'mean': the mean of the layers sharing them; 'fit': 'own', then every changed layer fitted to the original on calibration text (minutes)."),
     calibration: Optional[str] = typer.Option(None, help="--kv-init fit: a UTF-8 text file to fit on, or 'builtin' (default: the built-in corpus, chat and general sets' training parts, taking turns), 'corpus', 'chat' or 'general'."),
+    # The fit's defaults are FitOptions' own, as literals: no mlx import before a command runs (tests/test_fit.py keeps them equal).
     calibration_tokens: int = typer.Option(24576, help="--kv-init fit: calibration tokens (whole windows of 512)."),
     ridge: float = typer.Option(1e-3, help="--kv-init fit: relative ridge strength of the least-squares solves."),
     fit_parts: Optional[str] = typer.Option(None, help="--kv-init fit: what to fit, comma-separated among keys, heads, producer_queries, values, refine, o_proj, mlp, correct (default: keys,heads,producer_queries,o_proj,mlp). 'refine' adds Adam epochs on each consumer's q_proj and o_proj (slower); 'correct' re-solves every later layer's down_proj on the converted model's own stream (one more pass)."),
-    refine_epochs: int = typer.Option(4, help="--fit-parts with refine: Adam epochs over the calibration windows per consumer."),  # FitOptions.refine_epochs (tested)
+    refine_epochs: int = typer.Option(4, help="--fit-parts with refine: Adam epochs over the calibration windows per consumer."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights (affine)."),
     q_bits: int = typer.Option(4, help="Bits per weight when quantizing."),
     q_group_size: int = typer.Option(64, help="Group size when quantizing."),
