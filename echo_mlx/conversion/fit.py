@@ -451,9 +451,12 @@ def _fit_queries(student, cal: Calibration, i, options: FitOptions) -> dict:
     identity = [h // G for h in range(n_q)]
     cost, assignment, from_producer = None, identity, set()
     if "heads" in options.parts:
-        cost = _pair_costs(student, cal, i, candidate_rows, options)
+        producer_rows = None
         if "producer_queries" in options.parts and "q_proj" in student.layers[attn.kv_source].self_attn:
-            cost, candidate_rows, from_producer = _with_producer_queries(student, cal, i, cost, candidate_rows, options)
+            producer_rows = producer_query_rows(student, i)
+        cost, producer_cost = _pair_costs(student, cal, i, candidate_rows, options, producer_rows)
+        if producer_rows is not None:
+            cost, candidate_rows, from_producer = _with_producer_queries(cost, producer_cost, candidate_rows, producer_rows)
         assignment = assign_heads(cost, G)
     # Slot j of producer kv head b gets the query heads assigned to b, in order.
     order = [h for b in range(n_kv) for h in range(n_q) if assignment[h] == b]
@@ -473,24 +476,37 @@ def _fit_queries(student, cal: Calibration, i, options: FitOptions) -> dict:
     return info
 
 
-def _pair_costs(student, cal: Calibration, i, candidate_rows, options) -> np.ndarray:
+def _pair_costs(student, cal: Calibration, i, candidate_rows, options, producer_rows=None):
     """cost[h, b]: unexplained fraction of the teacher's head h output when query head h
-    (with its fitted scale) reads producer kv head b, after a per-head ridge map."""
+    (with its fitted scale) reads producer kv head b, after a per-head ridge map. With the
+    producer's query rows (H, D, d_in), also producer_cost[h, h']: the same residual when the
+    producer's query head h' stands in for h (None without them). One pass over the
+    calibration chunks serves both: the producer's K/V and the teacher's heads are computed once."""
     attn = student.layers[i].self_attn
     n_q, n_kv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     grams = [Gram() for _ in range(n_kv)]  # per producer kv head: one regression per query head
     w = {b: _like(np.concatenate([candidate_rows[(h, b)] for h in range(n_q)]), attn.q_proj.weight) for b in range(n_kv)}
+    if producer_rows is not None:
+        producer_gram = Gram()  # leading axes (producer head h', teacher head h)
+        w_producer = _like(producer_rows.reshape(n_q * D, -1), attn.q_proj.weight)
     earlier_only = attn.kv_source > i
     for rows in cal.chunks():
         keys, values, _ = cal.kv_for(student, i, rows)[attn.kv_source]
         x = cal.x(student, i, rows)
         B, T, _ = x.shape
+        mask = cal.mask(student, i)
         teacher_out = _per_head(_teacher_heads(cal, i, rows))
         for b in range(n_kv):
             q = attn.rope((x @ w[b].T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
-            out = attn._attend(q, keys[:, b : b + 1], values[:, b : b + 1], None, cal.mask(student, i), 0, earlier_only)
+            out = attn._attend(q, keys[:, b : b + 1], values[:, b : b + 1], None, mask, 0, earlier_only)
             grams[b].add(_per_head(out), teacher_out)
-    return np.stack([g.residual(options.ridge) for g in grams], axis=1)
+        if producer_rows is not None:
+            q = attn.rope((x @ w_producer.T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
+            out = _per_head(attn._attend(q, keys, values, None, mask, 0, earlier_only))
+            shape = (n_q, n_q) + out.shape[1:]
+            producer_gram.add(mx.broadcast_to(out[:, None], shape), mx.broadcast_to(teacher_out[None], shape))
+    cost = np.stack([g.residual(options.ridge) for g in grams], axis=1)
+    return cost, (producer_gram.residual(options.ridge).T if producer_rows is not None else None)
 
 
 def producer_query_rows(student, i) -> np.ndarray:
@@ -503,33 +519,19 @@ def producer_query_rows(student, i) -> np.ndarray:
     return w.reshape(attn.n_heads, attn.head_dim, -1)
 
 
-def _with_producer_queries(student, cal: Calibration, i, cost, candidate_rows, options):
+def _with_producer_queries(cost, producer_cost, candidate_rows, producer_rows):
     """For each (teacher head h, producer kv head b), the better of i's fitted query h and the
-    producer's query heads that read b, by the same ridge residual as _pair_costs; also the
-    (h, b) pairs where the producer's won."""
-    attn = student.layers[i].self_attn
-    n_q, n_kv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    producer's query heads that read b (by _pair_costs' residuals); also the (h, b) pairs where
+    the producer's won."""
+    n_q, n_kv = cost.shape
     G = n_q // n_kv
-    rows = producer_query_rows(student, i)
-    w = _like(rows.reshape(n_q * D, -1), attn.q_proj.weight)
-    gram = Gram()  # leading axes (producer head h', teacher head h)
-    for chunk in cal.chunks():
-        keys, values, _ = cal.kv_for(student, i, chunk)[attn.kv_source]
-        x = cal.x(student, i, chunk)
-        B, T, _ = x.shape
-        q = attn.rope((x @ w.T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
-        out = _per_head(attn._attend(q, keys, values, None, cal.mask(student, i), 0, attn.kv_source > i))
-        target = _per_head(_teacher_heads(cal, i, chunk))
-        shape = (n_q, n_q) + out.shape[1:]
-        gram.add(mx.broadcast_to(out[:, None], shape), mx.broadcast_to(target[None], shape))
-    producer_cost = gram.residual(options.ridge).T  # [teacher head h, producer head h']
     cost, candidate_rows, taken = cost.copy(), dict(candidate_rows), set()
     for h in range(n_q):
         for b in range(n_kv):
             best = b * G + int(np.argmin(producer_cost[h, b * G : (b + 1) * G]))
             if producer_cost[h, best] < cost[h, b]:
                 cost[h, b] = producer_cost[h, best]
-                candidate_rows[(h, b)] = rows[best]
+                candidate_rows[(h, b)] = producer_rows[best]
                 taken.add((h, b))
     return cost, candidate_rows, taken
 
