@@ -148,6 +148,10 @@ def card(args):
 
 
 def validate(args):
+    for run in map(Path, args.runs):  # refused before minutes of measuring the original
+        if not checkpoint.is_echo_checkpoint(run / "base") or not (run / "adapters" / adapters.CONFIG).is_file():
+            raise SystemExit(f"{run} needs base/ (from prepare; a link to the base its adapters were trained on) "
+                             "and adapters/ (from echo-mlx finetune)")
     original, tokenizer = load("default", plan="none")
     corpus_windows, licence_windows = validation_windows(tokenizer), other_domain_validation_windows(tokenizer)
     reference = figures(original, tokenizer, "valid", corpus_windows, licence_windows)

@@ -83,3 +83,14 @@ def test_generate_runs_the_shipped_model_by_default():
     assert f"in {producers} producer caches for {L} layers" in default.stdout
     original = run("--plan", "none")
     assert original.returncode == 0 and f"in {L} producer caches for {L} layers" in original.stdout
+
+
+def test_ship_validate_refuses_a_run_without_its_base_in_one_line_before_measuring(tmp_path):
+    # A run directory holding adapters but no base/ (e.g. a run adapting another run's base, not linked)
+    # is refused at once, not after minutes of measuring the original.
+    (tmp_path / "adapters").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship.py"), "validate", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path} needs base/")
