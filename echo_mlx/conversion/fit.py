@@ -493,20 +493,23 @@ def _pair_costs(student, cal: Calibration, i, candidate_rows, options, producer_
     for rows in cal.chunks():
         keys, values, _ = cal.kv_for(student, i, rows)[attn.kv_source]
         x = cal.x(student, i, rows)
-        B, T, _ = x.shape
         mask = cal.mask(student, i)
         teacher_out = _per_head(_teacher_heads(cal, i, rows))
         for b in range(n_kv):
-            q = attn.rope((x @ w[b].T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
-            out = attn._attend(q, keys[:, b : b + 1], values[:, b : b + 1], None, mask, 0, earlier_only)
+            out = attn._attend(_queries(attn, x, w[b]), keys[:, b : b + 1], values[:, b : b + 1], None, mask, 0, earlier_only)
             grams[b].add(_per_head(out), teacher_out)
         if producer_rows is not None:
-            q = attn.rope((x @ w_producer.T).reshape(B, T, n_q, D).transpose(0, 2, 1, 3), offset=0)
-            out = _per_head(attn._attend(q, keys, values, None, mask, 0, earlier_only))
+            out = _per_head(attn._attend(_queries(attn, x, w_producer), keys, values, None, mask, 0, earlier_only))
             shape = (n_q, n_q) + out.shape[1:]
             producer_gram.add(mx.broadcast_to(out[:, None], shape), mx.broadcast_to(teacher_out[None], shape))
     cost = np.stack([g.residual(options.ridge) for g in grams], axis=1)
     return cost, (producer_gram.residual(options.ridge).T if producer_rows is not None else None)
+
+
+def _queries(attn, x, w) -> mx.array:
+    """Query heads (B, H, T, D) of q_proj rows ``w`` on input x, after RoPE from position 0."""
+    B, T, _ = x.shape
+    return attn.rope((x @ w.T).reshape(B, T, attn.n_heads, attn.head_dim).transpose(0, 2, 1, 3), offset=0)
 
 
 def producer_query_rows(student, i) -> np.ndarray:
