@@ -40,6 +40,7 @@ from echo_mlx.conversion.convert import convert
 from echo_mlx.conversion.fit import FitOptions, parse_parts
 from echo_mlx.datasets import chat, general
 from echo_mlx.datasets.corpus import builtin_tokens, heldout_windows, validation_windows
+from echo_mlx.errors import EchoError
 from echo_mlx.io import checkpoint, shipped
 from echo_mlx.models.plans import SharingPlan
 from echo_mlx.tuner import adapters
@@ -198,7 +199,10 @@ def main():
     v.add_argument("--skip-shipped", action="store_true")
     v.add_argument("--skip-fitted", action="store_true", help="only the adapted models (their bases measured before)")
     args = parser.parse_args()
-    {"prepare": prepare, "card": card, "validate": validate}[args.verb](args)
+    try:
+        {"prepare": prepare, "card": card, "validate": validate}[args.verb](args)
+    except EchoError as e:  # a user's mistake: one line, as echo-mlx prints it
+        raise SystemExit(f"ship.py: error: {e}")
 
 
 if __name__ == "__main__":

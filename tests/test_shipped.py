@@ -94,3 +94,13 @@ def test_ship_validate_refuses_a_run_without_its_base_in_one_line_before_measuri
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path} needs base/")
+
+
+def test_ship_prepare_refuses_unknown_fit_parts_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship.py"), "prepare", "--plan", "cla:2",
+                             "--fit-parts", "keys,wings", "--out", str(tmp_path / "base")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ship.py: error: ") and "wings" in lines[0], result.stderr
+    assert not (tmp_path / "base").exists()
