@@ -10,6 +10,13 @@ continuations of a small model loop, and a sample at a temperature below 1 is
 text the model finds likely without repeating itself. Writes one record per
 opening: ``{"id", "genre", "split", "opening", "continuation"}``. Run once;
 the result ships as data, so nothing is generated at training or test time.
+
+    python scripts/make_general_set.py --extra-draws 2 [--seed 1]
+
+appends further continuations of the *training* openings only (``"draw": 1, 2, ...``),
+sampled the same way with another seed, and leaves every record already in the
+file as it is: more of the teacher's own text to distil on, while the
+validation and held-out samples (and what was measured on them) stay the same.
 """
 
 import argparse
@@ -36,7 +43,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=35)
     parser.add_argument("--out", default=str(general.SAMPLES_FILE))
+    parser.add_argument("--extra-draws", type=int, default=0,
+                        help="append this many more continuations of each training opening to --out")
     args = parser.parse_args()
+    if args.extra_draws:
+        return extra_draws(args)
 
     openings = general.read_openings()
     model, tokenizer = load(args.model, plan="none")
@@ -51,7 +62,32 @@ def main():
     seconds = time.perf_counter() - tic
     records = [{"id": o["id"], "genre": o["genre"], "split": general.split_of(o["id"]), "opening": o["opening"],
                 "continuation": text} for o, text in zip(openings, texts)]
+    write(Path(args.out), records, tokenizer, seconds)
+
+
+def extra_draws(args):
     out = Path(args.out)
+    kept = general.read_shipped_jsonl(out, "the general set")
+    first = max(r.get("draw", 0) for r in kept) + 1
+    openings = [o for o in general.read_openings() if general.split_of(o["id"]) == "train"]
+    model, tokenizer = load(args.model, plan="none")
+    jobs = [(draw, o) for draw in range(first, first + args.extra_draws) for o in openings]
+    ids = [tokenizer.encode(o["opening"], add_special_tokens=False) for _, o in jobs]
+    print(f"{len(jobs)} continuations ({args.extra_draws} more of each of {len(openings)} training openings); temp "
+          f"{args.temp}, top-p {args.top_p}, seed {args.seed}, max {args.max_tokens} tokens, batch {args.batch_size}; "
+          f"mlx {mx.__version__}, {platform.machine()}, BLAS {blas.status()}", flush=True)
+    mx.random.seed(args.seed)
+    tic = time.perf_counter()
+    texts, _ = generate_batch(model, tokenizer, ids, max_tokens=args.max_tokens,
+                              sampler=sampler_from(args.temp, args.top_p, 0, 0.0), max_kv_size=None,
+                              batch_size=args.batch_size)
+    seconds = time.perf_counter() - tic
+    added = [{"id": o["id"], "genre": o["genre"], "split": "train", "draw": draw, "opening": o["opening"],
+              "continuation": text} for (draw, o), text in zip(jobs, texts)]
+    write(out, kept + added, tokenizer, seconds)
+
+
+def write(out: Path, records, tokenizer, seconds: float):
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     tmp.replace(out)
