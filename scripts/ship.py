@@ -48,7 +48,8 @@ from echo_mlx.tuner import adapters
 
 def prepare(args):
     tic = time.perf_counter()
-    options = FitOptions(tokens=args.calibration_tokens, parts=parse_parts(args.fit_parts), refine_epochs=args.refine_epochs)
+    options = FitOptions(tokens=args.calibration_tokens, parts=parse_parts(args.fit_parts), refine_epochs=args.refine_epochs,
+                         ridge=args.ridge, prior=args.shrink_to_original)
     model, tokenizer, config, _ = convert("default", args.plan, kv_init="fit", fit_options=options, progress=True)
     naive, _ = load("default", plan=args.plan, kv_init="own")
     fitted = shipped.fitted_tensors(model, naive)
@@ -185,6 +186,8 @@ def main():
     p.add_argument("--calibration-tokens", type=int, default=FitOptions().tokens)
     p.add_argument("--fit-parts", help="as convert's --fit-parts (default: the fit's default parts)")
     p.add_argument("--refine-epochs", type=int, default=FitOptions().refine_epochs)
+    p.add_argument("--ridge", type=float, default=FitOptions().ridge, help="as convert's --ridge")
+    p.add_argument("--shrink-to-original", action="store_true", help="as convert's --shrink-to-original")
     p.add_argument("--force", action="store_true")
     c = sub.add_parser("card")
     c.add_argument("run", help="the directory holding base/ (from prepare) and adapters/ (the finetune run)")

@@ -144,6 +144,23 @@ def test_fitting_an_unshared_model_changes_nothing(six_layer_source):
     assert all(mx.array_equal(before[k], after[k]) for k in before)
 
 
+def test_a_strong_ridge_keeps_the_original_weights_with_prior_and_shrinks_them_to_zero_without(six_layer_source):
+    # prior (convert --shrink-to-original): argmin |XW - Y|^2 + lam |W - W_original|^2; at a huge ridge the
+    # re-solved o_proj and down_proj stay the original's, where the plain ridge takes them to 0.
+    for prior in (True, False):
+        teacher, student = models(six_layer_source, "cla:2")
+        options = FitOptions(tokens=4 * 48, window=48, ridge=1e6, parts=("o_proj", "mlp"), prior=prior)
+        fit_model(student, teacher, windows(), options, "random tokens")
+        for i in (1, 3, 5):
+            for fitted, original in ((student.layers[i].self_attn.o_proj.weight, teacher.layers[i].self_attn.o_proj.weight),
+                                     (student.layers[i].mlp.down_proj.weight, teacher.layers[i].mlp.down_proj.weight)):
+                scale = mx.linalg.norm(original).item()
+                if prior:
+                    assert mx.linalg.norm(fitted - original).item() < 1e-3 * scale
+                else:
+                    assert mx.linalg.norm(fitted).item() < 1e-3 * scale
+
+
 def test_the_fit_is_deterministic(six_layer_source):
     fitted = []
     for _ in range(2):
@@ -273,11 +290,12 @@ def test_convert_kv_init_fit_writes_an_ordinary_checkpoint_with_its_provenance(s
 
     out = tmp_path / "fitted"
     main(["convert", "--model", six_layer_source, "--plan", "cla:2", "--kv-init", "fit", "--calibration",
-          str(calibration_file), "--calibration-tokens", "1024", "--ridge", "0.01", "--out", str(out)])
+          str(calibration_file), "--calibration-tokens", "1024", "--ridge", "0.01", "--shrink-to-original", "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
     fit = config["echo"]["fit"]
     assert config["echo"]["kv_init"] == "fit"
     assert fit["ridge"] == 0.01 and fit["tokens"] == 1024 and str(calibration_file) in fit["calibration"]
+    assert fit["prior"] is True
     assert sorted(map(int, fit["layers"])) == [1, 3, 5]
     model, _, _ = checkpoint.load(out)
     import mlx_lm
@@ -304,6 +322,8 @@ def test_fit_errors_are_one_line(capsys, six_layer_source, calibration_file, tmp
     assert "--kv-init fit" in err
     err = cli_error(capsys, *base + ["--fit-parts", "keys,heads"])
     assert "--fit-parts is for --kv-init fit" in err
+    err = cli_error(capsys, *base + ["--shrink-to-original"])
+    assert "--shrink-to-original is for --kv-init fit" in err
     err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--fit-parts", "keys,bogus"])
     assert "unknown fit part(s) bogus" in err and "refine" in err
     err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--fit-parts",
