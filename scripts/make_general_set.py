@@ -46,45 +46,30 @@ def main():
     parser.add_argument("--extra-draws", type=int, default=0,
                         help="append this many more continuations of each training opening to --out")
     args = parser.parse_args()
-    if args.extra_draws:
-        return extra_draws(args)
 
-    openings = general.read_openings()
-    model, tokenizer = load(args.model, plan="none")
-    ids = [tokenizer.encode(o["opening"], add_special_tokens=False) for o in openings]
-    print(f"{len(openings)} openings; temp {args.temp}, top-p {args.top_p}, seed {args.seed}, max {args.max_tokens} "
-          f"tokens, batch {args.batch_size}; mlx {mx.__version__}, {platform.machine()}, BLAS {blas.status()}", flush=True)
-    mx.random.seed(args.seed)
-    tic = time.perf_counter()
-    texts, _ = generate_batch(model, tokenizer, ids, max_tokens=args.max_tokens,
-                              sampler=sampler_from(args.temp, args.top_p, 0, 0.0), max_kv_size=None,
-                              batch_size=args.batch_size)
-    seconds = time.perf_counter() - tic
-    records = [{"id": o["id"], "genre": o["genre"], "split": general.split_of(o["id"]), "opening": o["opening"],
-                "continuation": text} for o, text in zip(openings, texts)]
-    write(Path(args.out), records, tokenizer, seconds)
-
-
-def extra_draws(args):
     out = Path(args.out)
-    kept = general.read_shipped_jsonl(out, "the general set")
-    first = max(r.get("draw", 0) for r in kept) + 1
-    openings = [o for o in general.read_openings() if general.split_of(o["id"]) == "train"]
+    if args.extra_draws:  # more continuations of the training openings, after the records already there
+        kept = general.read_shipped_jsonl(out, "the general set")
+        first = max(r.get("draw", 0) for r in kept) + 1
+        train = [o for o in general.read_openings() if general.split_of(o["id"]) == "train"]
+        jobs = [(draw, o) for draw in range(first, first + args.extra_draws) for o in train]
+        what = f"{len(jobs)} continuations ({args.extra_draws} more of each of {len(train)} training openings)"
+    else:
+        kept, jobs = [], [(0, o) for o in general.read_openings()]
+        what = f"{len(jobs)} openings"
     model, tokenizer = load(args.model, plan="none")
-    jobs = [(draw, o) for draw in range(first, first + args.extra_draws) for o in openings]
     ids = [tokenizer.encode(o["opening"], add_special_tokens=False) for _, o in jobs]
-    print(f"{len(jobs)} continuations ({args.extra_draws} more of each of {len(openings)} training openings); temp "
-          f"{args.temp}, top-p {args.top_p}, seed {args.seed}, max {args.max_tokens} tokens, batch {args.batch_size}; "
-          f"mlx {mx.__version__}, {platform.machine()}, BLAS {blas.status()}", flush=True)
+    print(f"{what}; temp {args.temp}, top-p {args.top_p}, seed {args.seed}, max {args.max_tokens} tokens, batch "
+          f"{args.batch_size}; mlx {mx.__version__}, {platform.machine()}, BLAS {blas.status()}", flush=True)
     mx.random.seed(args.seed)
     tic = time.perf_counter()
     texts, _ = generate_batch(model, tokenizer, ids, max_tokens=args.max_tokens,
                               sampler=sampler_from(args.temp, args.top_p, 0, 0.0), max_kv_size=None,
                               batch_size=args.batch_size)
     seconds = time.perf_counter() - tic
-    added = [{"id": o["id"], "genre": o["genre"], "split": "train", "draw": draw, "opening": o["opening"],
-              "continuation": text} for (draw, o), text in zip(jobs, texts)]
-    write(out, kept + added, tokenizer, seconds)
+    records = [{"id": o["id"], "genre": o["genre"], "split": general.split_of(o["id"]), **({"draw": draw} if draw else {}),
+                "opening": o["opening"], "continuation": text} for (draw, o), text in zip(jobs, texts)]
+    write(out, kept + records, tokenizer, seconds)
 
 
 def write(out: Path, records, tokenizer, seconds: float):
