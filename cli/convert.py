@@ -31,9 +31,11 @@ def convert(
     from echo_mlx.conversion.convert import convert as run
     from echo_mlx.conversion.fit import FitOptions, parse_parts
 
-    if kv_init != "fit" and (calibration is not None or fit_parts is not None or shrink_to_original):
-        flag = "--calibration" if calibration is not None else "--fit-parts" if fit_parts is not None else "--shrink-to-original"
-        raise EchoError(f"{flag} is for --kv-init fit: add --kv-init fit or drop it")
+    fit_only = {"--calibration": calibration is not None, "--fit-parts": fit_parts is not None,
+                "--shrink-to-original": shrink_to_original}
+    given = [flag for flag, used in fit_only.items() if used]
+    if kv_init != "fit" and given:
+        raise EchoError(f"{given[0]} is for --kv-init fit: add --kv-init fit or drop it")
     fit_options = None
     if kv_init == "fit":
         fit_options = FitOptions(tokens=calibration_tokens, ridge=ridge, parts=parse_parts(fit_parts),

@@ -369,3 +369,4 @@ def test_convert_cli_fit_defaults_are_fit_options_defaults():
     assert defaults["calibration_tokens"] == options.tokens
     assert defaults["ridge"] == options.ridge
     assert defaults["refine_epochs"] == options.refine_epochs
+    assert defaults["shrink_to_original"] == options.prior
