@@ -102,7 +102,8 @@ def card(args):
 
     command = args.command
     if args.config:
-        shutil.copyfile(args.config, out / "finetune.yaml")
+        if not (out / "finetune.yaml").exists() or not (out / "finetune.yaml").samefile(args.config):
+            shutil.copyfile(args.config, out / "finetune.yaml")
         command = command.replace(f"-c {args.config}", f"-c {os.path.relpath(out)}/finetune.yaml")  # as run from the repo root
     lora = config["lora_parameters"]
     fit = checkpoint.load_config(base_dir)["echo"]["fit"]
@@ -120,7 +121,8 @@ def card(args):
         "kv_reduction": plan.kv_reduction,
         "kv_init": "fit",
         "fit": {k: fit[k] for k in ("calibration", "tokens", "window", "ridge", "parts")
-                + (("refine_epochs", "refine_lr") if "refine" in fit["parts"] else ())},
+                + (("refine_epochs", "refine_lr") if "refine" in fit["parts"] else ())}
+               | {"prior": bool(fit.get("prior"))},
         "adapter": f"{config['fine_tune_type']} rank {lora['rank']} scale {lora['scale']} on layers "
                    f"{config['trainable_from']}..{plan.num_layers - 1}",
         "data": ("the built-in corpus's training part (Python's pydoc topics; its held-out half and any 32-token span "
@@ -133,6 +135,8 @@ def card(args):
         "command": (f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']}"
                     + (f" --fit-parts {','.join(fit['parts'])}" if tuple(fit["parts"]) != FitOptions().parts else "")
                     + (f" --refine-epochs {fit['refine_epochs']}" if "refine" in fit["parts"] else "")
+                    + (f" --ridge {fit['ridge']:g}" if fit["ridge"] != FitOptions().ridge else "")
+                    + (" --shrink-to-original" if fit.get("prior") else "")
                     + f" --out {base_dir}\n{command}"),
         "results": {
             "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": reference["corpus"],

