@@ -46,10 +46,24 @@ from echo_mlx.models.plans import SharingPlan
 from echo_mlx.tuner import adapters
 
 
+def fit_options(args) -> FitOptions:
+    return FitOptions(tokens=args.calibration_tokens, parts=parse_parts(args.fit_parts), refine_epochs=args.refine_epochs,
+                      ridge=args.ridge, prior=args.shrink_to_original)
+
+
+def prepare_command(plan_name: str, fit: dict, base_dir) -> str:
+    """The ``prepare`` command line that reproduces ``fit`` (a checkpoint's fit provenance): the card's first line."""
+    return (f"python scripts/ship.py prepare --plan {plan_name} --calibration-tokens {fit['tokens']}"
+            + (f" --fit-parts {','.join(fit['parts'])}" if tuple(fit["parts"]) != FitOptions().parts else "")
+            + (f" --refine-epochs {fit['refine_epochs']}" if "refine" in fit["parts"] else "")
+            + (f" --ridge {fit['ridge']:g}" if fit["ridge"] != FitOptions().ridge else "")
+            + (" --shrink-to-original" if fit.get("prior") else "")
+            + f" --out {base_dir}")
+
+
 def prepare(args):
     tic = time.perf_counter()
-    options = FitOptions(tokens=args.calibration_tokens, parts=parse_parts(args.fit_parts), refine_epochs=args.refine_epochs,
-                         ridge=args.ridge, prior=args.shrink_to_original)
+    options = fit_options(args)
     model, tokenizer, config, _ = convert("default", args.plan, kv_init="fit", fit_options=options, progress=True)
     naive, _ = load("default", plan=args.plan, kv_init="own")
     fitted = shipped.fitted_tensors(model, naive)
@@ -132,12 +146,7 @@ def card(args):
         "recipe": command.split("finetune", 1)[-1].strip(),
         "hardware": args.hardware,
         "protocol": "echo_mlx.analysis.evaluate: 16 windows x 512 scored targets over the built-in corpus's held-out half, no BOS.",
-        "command": (f"python scripts/ship.py prepare --plan {args.plan_name} --calibration-tokens {fit['tokens']}"
-                    + (f" --fit-parts {','.join(fit['parts'])}" if tuple(fit["parts"]) != FitOptions().parts else "")
-                    + (f" --refine-epochs {fit['refine_epochs']}" if "refine" in fit["parts"] else "")
-                    + (f" --ridge {fit['ridge']:g}" if fit["ridge"] != FitOptions().ridge else "")
-                    + (" --shrink-to-original" if fit.get("prior") else "")
-                    + f" --out {base_dir}\n{command}"),
+        "command": f"{prepare_command(args.plan_name, fit, base_dir)}\n{command}",
         "results": {
             "tokens": tokens, "wall_minutes": args.wall_minutes, "original_ppl": reference["corpus"],
             "naive_ppl": naive_ppl, "fitted_ppl": fitted_ppl, "adapted_ppl": adapted["corpus"],
@@ -181,7 +190,7 @@ def validate(args):
         show(f"{run} adapted", adapters.apply(model, run / "adapters", str(run / "base")))
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("prepare")
@@ -205,7 +214,11 @@ def main():
     v.add_argument("runs", nargs="*", help="directories holding base/ and adapters/")
     v.add_argument("--skip-shipped", action="store_true")
     v.add_argument("--skip-fitted", action="store_true", help="only the adapted models (their bases measured before)")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     try:
         {"prepare": prepare, "card": card, "validate": validate}[args.verb](args)
     except EchoError as e:  # a user's mistake: one line, as echo-mlx prints it

@@ -104,3 +104,22 @@ def test_ship_prepare_refuses_unknown_fit_parts_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ship.py: error: ") and "wings" in lines[0], result.stderr
     assert not (tmp_path / "base").exists()
+
+
+def test_the_cards_reproduce_command_asks_for_the_fit_on_the_card():
+    # The card's first command line, parsed by ship.py itself, must give the fit options its provenance records
+    # (a flag the command leaves out, e.g. the ridge or the shrink, would reproduce another model).
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("ship", ROOT / "scripts" / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    card = shipped.read_card()
+    words = shlex.split(card["command"].splitlines()[0])
+    assert words[:3] == ["python", "scripts/ship.py", "prepare"]
+    args = ship.build_parser().parse_args(words[2:])
+    options, fit = ship.fit_options(args), card["fit"]
+    assert args.plan == card["plan"]
+    assert (options.tokens, list(options.parts), options.ridge, options.prior) == (
+        fit["tokens"], fit["parts"], fit["ridge"], fit.get("prior", False))
