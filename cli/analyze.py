@@ -23,7 +23,7 @@ def analyze(
     reach: int = typer.Option(3, help="--search: a consumer may read any of the this many layers below it."),
     calibration_tokens: int = typer.Option(4096, help="--search: tokens each pair is fitted on."),
     score_tokens: int = typer.Option(2048, help="--search: further tokens each fitted pair is scored on (KL to the original)."),
-    ridge: float = typer.Option(1e-3, help="--search: relative ridge strength of the fits."),
+    ridge: float = typer.Option(3e-2, help="--search: relative ridge strength of the fits (shrinking towards the original's weights, as convert's default)."),
 ):
     """Which layers should share K/V: layer similarity and a suggested plan, or (--search) plans by measured damage."""
     if search:

@@ -57,7 +57,8 @@ def prepare_command(plan_name: str, fit: dict, base_dir) -> str:
             + (f" --fit-parts {','.join(fit['parts'])}" if tuple(fit["parts"]) != FitOptions().parts else "")
             + (f" --refine-epochs {fit['refine_epochs']}" if "refine" in fit["parts"] else "")
             + (f" --ridge {fit['ridge']:g}" if fit["ridge"] != FitOptions().ridge else "")
-            + (" --shrink-to-original" if fit.get("prior") else "")
+            + ((" --shrink-to-original" if fit.get("prior") else " --no-shrink-to-original")
+               if bool(fit.get("prior")) != FitOptions().prior else "")
             + f" --out {base_dir}")
 
 
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-parts", help="as convert's --fit-parts (default: the fit's default parts)")
     p.add_argument("--refine-epochs", type=int, default=FitOptions().refine_epochs)
     p.add_argument("--ridge", type=float, default=FitOptions().ridge, help="as convert's --ridge")
-    p.add_argument("--shrink-to-original", action="store_true", help="as convert's --shrink-to-original")
+    p.add_argument("--shrink-to-original", action=argparse.BooleanOptionalAction, default=FitOptions().prior,
+                   help="as convert's --[no-]shrink-to-original")
     p.add_argument("--force", action="store_true")
     c = sub.add_parser("card")
     c.add_argument("run", help="the directory holding base/ (from prepare) and adapters/ (the finetune run)")

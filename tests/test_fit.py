@@ -290,12 +290,12 @@ def test_convert_kv_init_fit_writes_an_ordinary_checkpoint_with_its_provenance(s
 
     out = tmp_path / "fitted"
     main(["convert", "--model", six_layer_source, "--plan", "cla:2", "--kv-init", "fit", "--calibration",
-          str(calibration_file), "--calibration-tokens", "1024", "--ridge", "0.01", "--shrink-to-original", "--out", str(out)])
+          str(calibration_file), "--calibration-tokens", "1024", "--ridge", "0.01", "--no-shrink-to-original", "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
     fit = config["echo"]["fit"]
     assert config["echo"]["kv_init"] == "fit"
     assert fit["ridge"] == 0.01 and fit["tokens"] == 1024 and str(calibration_file) in fit["calibration"]
-    assert fit["prior"] is True
+    assert fit["prior"] is False
     assert sorted(map(int, fit["layers"])) == [1, 3, 5]
     model, _, _ = checkpoint.load(out)
     import mlx_lm
@@ -324,6 +324,8 @@ def test_fit_errors_are_one_line(capsys, six_layer_source, calibration_file, tmp
     assert "--fit-parts is for --kv-init fit" in err
     err = cli_error(capsys, *base + ["--shrink-to-original"])
     assert "--shrink-to-original is for --kv-init fit" in err
+    err = cli_error(capsys, *base + ["--no-shrink-to-original"])
+    assert "--no-shrink-to-original is for --kv-init fit" in err
     err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--fit-parts", "keys,bogus"])
     assert "unknown fit part(s) bogus" in err and "refine" in err
     err = cli_error(capsys, *base + ["--kv-init", "fit", "--calibration", str(calibration_file), "--fit-parts",
@@ -369,4 +371,7 @@ def test_convert_cli_fit_defaults_are_fit_options_defaults():
     assert defaults["calibration_tokens"] == options.tokens
     assert defaults["ridge"] == options.ridge
     assert defaults["refine_epochs"] == options.refine_epochs
-    assert defaults["shrink_to_original"] == options.prior
+    from cli.analyze import analyze as analyze_command
+
+    assert inspect.signature(analyze_command).parameters["ridge"].default.default == options.ridge
+    assert defaults["shrink_to_original"] is None  # neither flag: FitOptions().prior (a flag without --kv-init fit is refused)
