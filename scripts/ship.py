@@ -62,6 +62,15 @@ def prepare_command(plan_name: str, fit: dict, base_dir) -> str:
             + f" --out {base_dir}")
 
 
+def adapter_description(config: dict, num_layers: int) -> str:
+    """The card's adapter line, from the run's adapter_config.json: type, rank, scale, layers and (when the
+    config names them, as mlx-lm's ``keys``) the adapted projections."""
+    lora = config["lora_parameters"]
+    keys = f" ({', '.join(k.rsplit('.', 1)[-1] for k in lora['keys'])})" if lora.get("keys") else ""
+    return (f"{config['fine_tune_type']} rank {lora['rank']} scale {lora['scale']} on layers "
+            f"{config['trainable_from']}..{num_layers - 1}{keys}")
+
+
 def prepare(args):
     tic = time.perf_counter()
     options = fit_options(args)
@@ -138,8 +147,7 @@ def card(args):
         "fit": {k: fit[k] for k in ("calibration", "tokens", "window", "ridge", "parts")
                 + (("refine_epochs", "refine_lr") if "refine" in fit["parts"] else ())}
                | {"prior": bool(fit.get("prior"))},
-        "adapter": f"{config['fine_tune_type']} rank {lora['rank']} scale {lora['scale']} on layers "
-                   f"{config['trainable_from']}..{plan.num_layers - 1}",
+        "adapter": adapter_description(config, plan.num_layers),
         "data": ("the built-in corpus's training part (Python's pydoc topics; its held-out half and any 32-token span "
                  "of the held-out windows never trained on), the built-in chat set's training split (the "
                  "original's own answers; held-out prompts never trained on) and the general set's training split "

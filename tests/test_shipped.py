@@ -106,15 +106,21 @@ def test_ship_prepare_refuses_unknown_fit_parts_in_one_line(tmp_path):
     assert not (tmp_path / "base").exists()
 
 
-def test_the_cards_reproduce_command_asks_for_the_fit_on_the_card():
-    # The card's first command line, parsed by ship.py itself, must give the fit options its provenance records
-    # (a flag the command leaves out, e.g. the ridge or the shrink, would reproduce another model).
+def ship_script():
     import importlib.util
-    import shlex
 
     spec = importlib.util.spec_from_file_location("ship", ROOT / "scripts" / "ship.py")
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
+    return ship
+
+
+def test_the_cards_reproduce_command_asks_for_the_fit_on_the_card():
+    # The card's first command line, parsed by ship.py itself, must give the fit options its provenance records
+    # (a flag the command leaves out, e.g. the ridge or the shrink, would reproduce another model).
+    import shlex
+
+    ship = ship_script()
     card = shipped.read_card()
     words = shlex.split(card["command"].splitlines()[0])
     assert words[:3] == ["python", "scripts/ship.py", "prepare"]
@@ -123,3 +129,15 @@ def test_the_cards_reproduce_command_asks_for_the_fit_on_the_card():
     assert args.plan == card["plan"]
     assert (options.tokens, list(options.parts), options.ridge, options.prior) == (
         fit["tokens"], fit["parts"], fit["ridge"], fit.get("prior", False))
+
+
+def test_the_cards_adapter_line_names_what_the_shipped_adapters_train():
+    import json
+
+    ship = ship_script()
+    config = json.loads((shipped.SHIPPED / "adapter_config.json").read_text())
+    card = shipped.read_card()
+    assert card["adapter"] == ship.adapter_description(config, SharingPlan.parse(card["plan"], 30).num_layers)
+    # and the description follows mlx-lm's keys when a run restricts them
+    config["lora_parameters"]["keys"] = ["self_attn.q_proj", "self_attn.o_proj"]
+    assert ship.adapter_description(config, 30).endswith("on layers 2..29 (q_proj, o_proj)")
