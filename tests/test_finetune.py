@@ -259,3 +259,24 @@ def test_two_ring_ranks_equal_one_process(six_layer_source, tmp_path, fine_tune_
     atol = 1e-5 if fine_tune_type == "lora" else 1e-4
     for k in one:
         np.testing.assert_allclose(np.array(two[k]), np.array(one[k]), atol=atol)
+
+
+def test_lora_keys_choose_the_projections_trained_and_a_misspelt_key_is_refused(six_layer_source):
+    from echo_mlx.conversion.convert import shared_model
+    from echo_mlx.io.sources import load_source
+    from echo_mlx.models.plans import SharingPlan
+    from echo_mlx.tuner import adapters
+
+    src = load_source(six_layer_source)
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0}
+
+    def trained_modules(keys):
+        model, _ = shared_model(src.config, src.weights, SharingPlan.parse("cla:2", 6))
+        adapters.make_trainable(model, "lora", 2, dict(lora, keys=keys))
+        return {k.split(".", 3)[3].rsplit(".", 1)[0] for k in adapters.trainable_weights(model)}
+
+    # consumers of cla:2 have no k/v projections: the key still counts where producers have one
+    assert trained_modules(["self_attn.q_proj", "self_attn.k_proj"]) == {"self_attn.q_proj", "self_attn.k_proj"}
+    with pytest.raises(EchoError, match=r"keys q_proj name no linear layer .*self_attn\.") as e:
+        trained_modules(["q_proj", "self_attn.o_proj"])  # mlx-lm would silently skip q_proj
+    assert "\n" not in str(e.value)

@@ -41,9 +41,23 @@ def make_trainable(model: nn.Module, fine_tune_type: str, trainable_from: int, l
     if missing:
         raise EchoError(f"lora_parameters lacks {', '.join(sorted(missing))}: give rank, scale and dropout (as mlx-lm)")
     ranks = RankRange.from_parameters(lora_parameters) if fine_tune_type == "dylora" else None  # refused before any change
+    check_keys(model.layers[trainable_from:], lora_parameters.get("keys"))
     linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=fine_tune_type == "dora")
     if ranks is not None:
         to_dynamic(model, ranks.scaling)  # same arrays (and initialisation) as LoRA at rank R; a rank per step
+
+
+def check_keys(layers, keys) -> None:
+    """mlx-lm adapts only the modules whose names are in ``keys`` and skips any other name without a word: a
+    misspelt key would train nothing (or less than asked). Refuse names no trainable layer has."""
+    if keys is None:
+        return
+    names = {name for layer in layers for name, module in layer.named_modules()
+             if isinstance(module, (nn.Linear, nn.QuantizedLinear))}
+    unknown = [k for k in keys if k not in names] if isinstance(keys, list) else [keys]
+    if unknown or not keys:
+        raise EchoError(f"lora_parameters keys {', '.join(map(str, unknown)) or '[]'} name no linear layer of the "
+                        f"layers trained: use names such as {', '.join(sorted(names)[:4])}")
 
 
 def trainable_weights(model: nn.Module) -> dict:
