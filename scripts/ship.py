@@ -129,7 +129,6 @@ def card(args):
         if not (out / "finetune.yaml").exists() or not (out / "finetune.yaml").samefile(args.config):
             shutil.copyfile(args.config, out / "finetune.yaml")
         command = command.replace(f"-c {args.config}", f"-c {os.path.relpath(out)}/finetune.yaml")  # as run from the repo root
-    lora = config["lora_parameters"]
     fit = checkpoint.load_config(base_dir)["echo"]["fit"]
     card = {
         "name": "smollm2-135m-echo",
